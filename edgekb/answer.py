@@ -1,0 +1,105 @@
+"""The answer pipeline: retrieve -> prompt -> generate, as a stream of protocol events.
+
+Events here carry no request id or seq: the transport's request stream numbers them.
+Deltas are coalesced: every token produced within one flush interval goes out in one event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
+from .prompt import PromptBuilder, cite_where
+from .retrieval import Retriever, ScoredHit
+
+SNIPPET_CHARS = 240
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    k: int
+    max_tokens: int
+    temperature: float
+    flush_interval_s: float
+
+
+def source_entry(number: int, scored: ScoredHit) -> dict[str, Any]:
+    hit = scored.hit
+    snippet = hit.text if len(hit.text) <= SNIPPET_CHARS else hit.text[:SNIPPET_CHARS] + "…"
+    return {"n": number, "doc": hit.doc_path.rsplit("/", 1)[-1], "title": hit.title,
+            "where": cite_where(hit), "page": hit.page, "snippet": snippet,
+            "score": round(scored.score, 4)}
+
+
+class AnswerEngine:
+    def __init__(self, retriever: Retriever, prompts: PromptBuilder, llm: LlmEngine) -> None:
+        self.retriever = retriever
+        self.prompts = prompts
+        self.llm = llm
+
+    async def answer(self, question: str, options: AnswerOptions,
+                     cancel: threading.Event) -> AsyncIterator[dict[str, Any]]:
+        """Events of one answer; setting ``cancel`` stops generation within one token."""
+        started = time.perf_counter()
+        yield {"type": "status", "stage": "retrieving"}
+        hits = await self.retriever.search(question, options.k)
+        retrieval_ms = (time.perf_counter() - started) * 1000
+        loop = asyncio.get_running_loop()
+        # Token counting runs llama's tokenizer: keep it off the loop.
+        prompt = await loop.run_in_executor(
+            None, self.prompts.build, question, [s.hit for s in hits])
+        used = hits[: prompt.sources_used]
+        yield {"type": "sources", "sources": [source_entry(i + 1, s) for i, s in enumerate(used)]}
+        generation = GenerationRequest(prompt.text, options.max_tokens, options.temperature,
+                                       prompt.stop, cancel)
+        text: list[str] = []
+        pending: list[str] = []
+        first_token_at: float | None = None
+        last_flush = 0.0
+        async for item in self.llm.stream(generation):
+            if isinstance(item, Reading):
+                if item.total and item.done < item.total:
+                    yield {"type": "status", "stage": "reading",
+                           "progress": round(item.done / item.total, 3)}
+            elif isinstance(item, Piece):
+                now = time.perf_counter()
+                if first_token_at is None:
+                    first_token_at = now
+                    yield {"type": "status", "stage": "generating"}
+                pending.append(item.text)
+                if now - last_flush >= options.flush_interval_s:
+                    chunk = "".join(pending)
+                    pending.clear()
+                    text.append(chunk)
+                    last_flush = now
+                    yield {"type": "delta", "text": chunk}
+            elif isinstance(item, Finished):
+                if pending:
+                    chunk = "".join(pending)
+                    text.append(chunk)
+                    yield {"type": "delta", "text": chunk}
+                yield self._done(item, "".join(text), started, retrieval_ms, first_token_at)
+
+    @staticmethod
+    def _done(result: Finished, text: str, started: float, retrieval_ms: float,
+              first_token_at: float | None) -> dict[str, Any]:
+        total_ms = (time.perf_counter() - started) * 1000
+        seconds = result.generation_ms / 1000
+        return {
+            "type": "done", "finish": result.finish, "text": text,
+            "usage": {"prompt_tokens": result.prompt_tokens,
+                      "cached_prompt_tokens": result.cached_tokens,
+                      "completion_tokens": result.completion_tokens},
+            "timings": {
+                "retrieval_ms": round(retrieval_ms, 1),
+                "prompt_ms": round(result.prompt_ms, 1),
+                "ttft_ms": round((first_token_at - started) * 1000, 1) if first_token_at else None,
+                "total_ms": round(total_ms, 1),
+                "tokens_per_s": round(result.completion_tokens / seconds, 1) if seconds else None,
+            },
+        }

@@ -1,0 +1,179 @@
+"""Command line: argument parsing and output only; the work is done by the modules it calls."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import EdgekbError
+
+DEMO_DIR = Path(__file__).with_name("demo")
+EXIT_USAGE = 2
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML settings file (default: $EDGEKB_CONFIG)")
+    parser.add_argument("--data-dir", type=Path, help="where the database, index and models live")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set retrieval.k=6")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgekb", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"edgekb {__version__}")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the appliance")
+    _common(serve)
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+
+    ingest = sub.add_parser("ingest", help="add files or folders to the knowledge base")
+    _common(ingest)
+    ingest.add_argument("paths", nargs="*", type=Path)
+    ingest.add_argument("--demo", action="store_true", help="ingest the bundled demo manuals")
+
+    ask = sub.add_parser("ask", help="ask a running server a question")
+    ask.add_argument("question")
+    ask.add_argument("--url", default="ws://127.0.0.1:8080/ws")
+    ask.add_argument("--json", action="store_true", help="print every event as one JSON line")
+
+    models = sub.add_parser("models", help="list or fetch the models of models.toml")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    listing = models_sub.add_parser("list", help="each model and whether it is verified")
+    _common(listing)
+    fetch = models_sub.add_parser("fetch", help="download and verify models into the cache")
+    _common(fetch)
+    fetch.add_argument("names", nargs="*", help="default: the configured LLM and embedder")
+    fetch.add_argument("--force", action="store_true", help="fetch again even if verified")
+
+    config = sub.add_parser("config", help="check or show the effective settings")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    _common(config_sub.add_parser("check", help="validate settings, report every problem"))
+    _common(config_sub.add_parser("show", help="print the effective settings as YAML"))
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .config import load_settings, parse_set_option
+
+    overrides: dict[str, Any] = dict(parse_set_option(item) for item in args.set)
+    overrides["data_dir"] = args.data_dir
+    overrides["server.host"] = getattr(args, "host", None)
+    overrides["server.port"] = getattr(args, "port", None)
+    return load_settings(args.config, overrides=overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except EdgekbError as exc:
+        print(f"edgekb: error [{exc.code}]: {exc.message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    asyncio.run(serve(_settings(args)))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from .datadir import exclusive
+    from .engines import load_embedder, open_catalog, open_index
+    from .ingest import Ingestor
+    from .store import Store
+
+    settings = _settings(args)
+    paths = list(args.paths) + ([DEMO_DIR] if args.demo else [])
+    if not paths:
+        print("edgekb ingest: name files or folders, or --demo", file=sys.stderr)
+        return EXIT_USAGE
+    with exclusive(settings.data_dir, "edgekb ingest"):
+        embedder = load_embedder(settings, open_catalog(settings))
+        store = Store(settings.db_path)
+        try:
+            index = open_index(settings, embedder)
+            index.load_or_rebuild(store)
+            ingestor = Ingestor(store, embedder, index,
+                                chunk_tokens=settings.chunking.chunk_tokens,
+                                overlap_tokens=settings.chunking.overlap_tokens)
+            report = ingestor.ingest(paths, on_file=_print_file_result)
+        finally:
+            store.close()
+    print(f"{report.count('added')} added, {report.count('updated')} updated, "
+          f"{report.count('unchanged')} unchanged, {report.count('failed')} failed; "
+          f"{len(index)} chunks in the index", file=sys.stderr)
+    return 1 if report.count("failed") else 0
+
+
+def _print_file_result(result: Any) -> None:
+    detail = f"{result.chunks} chunks" if result.status != "failed" else \
+        f"[{result.code}] {result.error}"
+    print(f"{result.status:>9}  {result.path}  ({detail})", file=sys.stderr)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    from .client import AnswerPrinter, ask, json_printer
+
+    emit = json_printer(sys.stdout) if args.json else AnswerPrinter(sys.stdout, sys.stderr)
+    try:
+        return asyncio.run(ask(args.url, args.question, emit))
+    except OSError as exc:  # aiohttp's connection errors are OSErrors
+        print(f"edgekb ask: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .catalog import fetch, file_state
+    from .engines import open_catalog
+    from .progress import ProgressBar
+
+    settings = _settings(args)
+    catalog = open_catalog(settings)
+    cache = settings.models_cache
+    if args.models_command == "list":
+        configured = {settings.models.llm, settings.models.embedder}
+        for entry in catalog.entries.values():
+            states = {file_state(cache, entry, f) for f in entry.files}
+            state = "verified" if states == {"verified"} else \
+                "corrupt" if "corrupt" in states else "missing"
+            mark = "*" if entry.name in configured else " "
+            print(f"{mark} {entry.name:<18} {entry.kind:<9} {state:<9} {entry.description}")
+        print(f"cache: {cache}   (* = configured)")
+        return 0
+    names = args.names or [settings.models.llm, settings.models.embedder]
+    entries = [catalog.get(name) for name in names]  # every name checked before any download
+    with ProgressBar() as bar:
+        for entry in entries:
+            fetch(cache, entry, progress=bar, force=args.force)
+    for entry in entries:
+        print(f"{entry.name}: verified in {cache / entry.name}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from .config import settings_to_yaml
+
+    settings = _settings(args)
+    if args.config_command == "show":
+        print(settings_to_yaml(settings), end="")
+    else:
+        print("configuration is valid", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"serve": cmd_serve, "ingest": cmd_ingest, "ask": cmd_ask, "models": cmd_models,
+            "config": cmd_config}

@@ -1,0 +1,74 @@
+"""Build the engines from settings: verified model files in, loaded engines out (blocking).
+
+Shared by the server's start-up and the CLI, so both refuse a missing or corrupt model the same
+way: every file is checked against its sha256 before it is loaded, and models are never fetched
+here (a missing one names the fetch command).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from .catalog import Catalog, ModelEntry, default_manifest_path, verify
+from .config import Settings
+from .embed import Embedder
+from .index import VectorIndex
+from .llm import LlmEngine
+from .prompt import PromptBuilder
+
+# Room kept free in the context after the prompt and the answer, for the chat template's own
+# tokens and rounding in the budget.
+CONTEXT_MARGIN = 16
+
+
+def open_catalog(settings: Settings) -> Catalog:
+    return Catalog.load(settings.manifest_path or default_manifest_path())
+
+
+def load_embedder(settings: Settings, catalog: Catalog) -> Embedder:
+    entry = catalog.get(settings.models.embedder, kind="embedder")
+    paths = verify(settings.models_cache, entry)
+    return Embedder(paths["model"], paths["tokenizer"], dim=int(entry.settings["dim"]),
+                    max_tokens=int(entry.settings.get("max_tokens", 256)),
+                    threads=settings.embedding.threads, batch_size=settings.embedding.batch_size)
+
+
+def open_index(settings: Settings, embedder: Embedder) -> VectorIndex:
+    return VectorIndex(embedder.dim, settings.index_path)
+
+
+def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine, ModelEntry]:
+    entry = catalog.get(settings.models.llm, kind="llm")
+    paths = verify(settings.models_cache, entry)
+    gen = settings.generation
+    engine = LlmEngine(paths["model"], n_ctx=int(entry.settings.get("n_ctx", 2048)),
+                       threads=gen.threads, n_batch=gen.n_batch, seed=gen.seed)
+    return engine, entry
+
+
+def prompt_builder(settings: Settings, llm: LlmEngine, entry: ModelEntry) -> PromptBuilder:
+    fmt = str(entry.settings.get("prompt_format", "completion"))
+    stop = [str(s) for s in entry.settings.get("stop", [])]
+    template: Callable[[list[dict[str, str]]], str] | None = None
+    if fmt == "chat":
+        template, template_stop = _chat_template(llm)
+        stop.extend(template_stop)
+    budget = llm.n_ctx - settings.generation.max_tokens - CONTEXT_MARGIN
+    return PromptBuilder(fmt, llm.count_tokens, budget, stop, template)
+
+
+def _chat_template(llm: LlmEngine) -> tuple[Callable[[list[dict[str, str]]], str], list[str]]:
+    """The chat template stored in the GGUF metadata, rendered as llama.cpp does."""
+    source = llm.metadata("tokenizer.chat_template")
+    if not source:
+        raise ValueError("prompt_format 'chat' needs a chat template in the GGUF metadata")
+    eos = llm.llama.detokenize([llm.llama.token_eos()], special=True).decode(errors="ignore")
+    bos = llm.llama.detokenize([llm.llama.token_bos()], special=True).decode(errors="ignore")
+    formatter = Jinja2ChatFormatter(source, eos_token=eos, bos_token=bos)
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return formatter(messages=messages).prompt
+
+    return render, [eos] if eos else []

@@ -1,0 +1,152 @@
+"""The vector index: hnswlib in RAM, saved atomically, never trusted without its checksum.
+
+hnswlib's own ``save_index`` overwrites in place without fsync, and a flipped byte in its file
+usually loads silently. So we save to a temporary file, fsync, rename, fsync the directory, and
+keep the file's sha256 and the set of its chunk ids (as a count and a digest) in SQLite; at
+start-up a file that does not match is rebuilt from the vectors stored in SQLite, the source of
+truth.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import hnswlib
+import numpy as np
+
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+M = 16
+EF_CONSTRUCTION = 200
+EF_SEARCH = 64
+META_FILE_SHA = "index.file_sha256"
+META_IDS_SHA = "index.ids_sha256"
+
+
+def ids_digest(ids: Iterable[int]) -> str:
+    digest = hashlib.sha256()
+    for chunk_id in sorted(ids):
+        digest.update(chunk_id.to_bytes(8, "little"))
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class VectorIndex:
+    """Cosine index of chunk vectors labelled by chunk id; one lock makes it thread-safe."""
+
+    def __init__(self, dim: int, path: Path) -> None:
+        self.dim = dim
+        self.path = path
+        self._lock = threading.Lock()
+        self._ids: set[int] = set()
+        self._index = self._new_index(1024)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def _new_index(self, capacity: int) -> hnswlib.Index:
+        index = hnswlib.Index(space="cosine", dim=self.dim)
+        index.init_index(max_elements=capacity, M=M, ef_construction=EF_CONSTRUCTION,
+                         allow_replace_deleted=True)
+        index.set_ef(EF_SEARCH)
+        return index
+
+    def add(self, ids: Sequence[int], vectors: np.ndarray) -> None:
+        if not len(ids):
+            return
+        with self._lock:
+            needed = self._index.get_current_count() + len(ids)
+            if needed > self._index.get_max_elements():
+                self._index.resize_index(max(needed, 2 * self._index.get_max_elements()))
+            self._index.add_items(np.asarray(vectors, dtype=np.float32), list(ids),
+                                  replace_deleted=True)
+            self._ids.update(ids)
+
+    def remove(self, ids: Sequence[int]) -> None:
+        with self._lock:
+            for label in ids:
+                if label in self._ids:
+                    self._index.mark_deleted(label)
+                    self._ids.discard(label)
+
+    def search(self, vector: np.ndarray, k: int) -> list[tuple[int, float]]:
+        """(chunk id, cosine similarity), best first."""
+        with self._lock:
+            k = min(k, len(self._ids))
+            if k == 0:
+                return []
+            self._index.set_ef(max(EF_SEARCH, k))
+            labels, distances = self._index.knn_query(np.asarray(vector, dtype=np.float32), k=k)
+        return [(int(i), float(1.0 - d)) for i, d in zip(labels[0], distances[0])]
+
+    def save(self, store: Store) -> None:
+        """Write the index durably, then record its checksum and ids in SQLite."""
+        tmp = self.path.with_suffix(".tmp")
+        with self._lock:
+            self._index.save_index(str(tmp))
+            ids = set(self._ids)
+        with tmp.open("rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
+        # Recorded after the rename: a crash in between leaves a checksum that does not match,
+        # which start-up treats as "rebuild", never as "trust".
+        store.set_meta(META_FILE_SHA, file_sha256(self.path))
+        store.set_meta(META_IDS_SHA, ids_digest(ids))
+
+    def load_or_rebuild(self, store: Store) -> str:
+        """Load the saved index if it matches SQLite exactly; otherwise rebuild. Says which."""
+        stored_ids = store.chunk_ids()
+        expected_ids = ids_digest(stored_ids)
+        reason = self._try_load(store, stored_ids, expected_ids)
+        if reason is None:
+            return "loaded"
+        log.warning("rebuilding the vector index from SQLite: %s", reason)
+        self.rebuild(store)
+        return "rebuilt"
+
+    def _try_load(self, store: Store, stored_ids: list[int], expected_ids: str) -> str | None:
+        if not self.path.exists():
+            return "no index file" if stored_ids else None
+        if store.meta(META_FILE_SHA) != file_sha256(self.path):
+            return "index file checksum does not match"
+        if store.meta(META_IDS_SHA) != expected_ids:
+            return "index holds other chunks than SQLite"
+        index = hnswlib.Index(space="cosine", dim=self.dim)
+        index.load_index(str(self.path), allow_replace_deleted=True)
+        index.set_ef(EF_SEARCH)
+        with self._lock:
+            self._index = index
+            self._ids = set(stored_ids)
+        return None
+
+    def rebuild(self, store: Store) -> None:
+        count = store.chunk_count()
+        with self._lock:
+            self._index = self._new_index(max(1024, count))
+            self._ids = set()
+        for ids, vectors in store.vectors():
+            self.add(ids, vectors)
+        self.save(store)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

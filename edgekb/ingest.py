@@ -1,0 +1,115 @@
+"""Files -> chunks -> vectors -> SQLite and the index, one document per transaction.
+
+Blocking; the CLI calls it directly and the server from a thread. A document is stored whole or
+not at all (one SQLite transaction), the index follows SQLite and is saved atomically at the end
+of a batch; if the process dies in between, start-up rebuilds the index from SQLite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .chunking import chunk_sections
+from .embed import Embedder
+from .errors import DocumentTooLarge, EdgekbError, IngestError
+from .index import VectorIndex
+from .loaders import load_document, supported
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KB = "default"
+MAX_FILE_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileResult:
+    path: str
+    status: str            # added | updated | unchanged | failed
+    chunks: int = 0
+    error: str = ""
+    code: str = ""
+
+
+@dataclass
+class IngestReport:
+    results: list[FileResult] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.results if r.status == status)
+
+    @property
+    def chunks(self) -> int:
+        return sum(r.chunks for r in self.results)
+
+
+def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
+    """Files as given, and the supported files under each directory, in a stable order."""
+    for path in paths:
+        if path.is_dir():
+            yield from sorted(p for p in path.rglob("*") if p.is_file() and supported(p)
+                              and not any(part.startswith(".") for part in p.parts))
+        else:
+            yield path
+
+
+def embedding_text(title: str, heading: str, text: str) -> str:
+    """What gets embedded: the title and heading path tell the embedder what a chunk is about."""
+    context = " > ".join(part for part in (title, heading) if part)
+    return f"{context}\n{text}" if context else text
+
+
+class Ingestor:
+    def __init__(self, store: Store, embedder: Embedder, index: VectorIndex, *,
+                 chunk_tokens: int, overlap_tokens: int) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.index = index
+        self.chunk_tokens = chunk_tokens
+        self.overlap_tokens = overlap_tokens
+
+    def ingest(self, paths: Iterable[Path], kb: str = DEFAULT_KB,
+               on_file: Callable[[FileResult], None] | None = None) -> IngestReport:
+        report = IngestReport()
+        changed = False
+        for path in expand_paths(paths):
+            result = self._ingest_file(path.resolve(), kb)
+            changed |= result.status in ("added", "updated")
+            report.results.append(result)
+            if on_file:
+                on_file(result)
+        if changed:
+            self.index.save(self.store)
+        return report
+
+    def _ingest_file(self, path: Path, kb: str) -> FileResult:
+        try:
+            if not path.is_file():
+                raise IngestError(f"{path}: no such file")
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise DocumentTooLarge(f"{path.name}: {size} bytes, over the {MAX_FILE_BYTES} limit")
+            data = path.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            existing = self.store.document(kb, str(path))
+            if existing and existing.sha256 == sha:
+                return FileResult(str(path), "unchanged", existing.chunk_count)
+            document = load_document(path, data)
+            chunks = chunk_sections(document.sections, self.embedder.count_tokens,
+                                    self.chunk_tokens, self.overlap_tokens)
+            vectors = self.embedder.embed_batch(
+                [embedding_text(document.title, c.heading, c.text) for c in chunks])
+            removed, added = self.store.replace_document(
+                kb, str(path), document.title, document.format, sha, len(data), chunks, vectors)
+        except EdgekbError as exc:
+            log.warning("ingest failed: %s", exc.message)
+            return FileResult(str(path), "failed", error=exc.message, code=exc.code)
+        except OSError as exc:
+            return FileResult(str(path), "failed", error=f"{path}: {exc.strerror}", code="io_error")
+        self.index.remove(removed)
+        self.index.add(added, vectors)
+        return FileResult(str(path), "updated" if existing else "added", len(chunks))

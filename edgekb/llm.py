@@ -1,0 +1,208 @@
+"""The LLM engine: one worker thread owns the llama context.
+
+llama-cpp-python cannot run two completions on one context, so every generation runs on a single
+worker thread. The event loop talks to it through ``stream()``: the worker pushes events with
+``call_soon_threadsafe`` and the loop consumes them. The prompt is evaluated in ``n_batch`` steps so
+that reading progress can be reported, and the KV cache keeps the longest shared prefix with the
+previous prompt, so a follow-up that repeats the same head is not read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+
+from .errors import ModelError
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    max_tokens: int
+    temperature: float
+    stop: tuple[str, ...]
+    cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """Prompt evaluation progress."""
+
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish: str             # stop | length | cancelled
+    prompt_tokens: int
+    cached_tokens: int      # prompt tokens reused from the KV cache
+    completion_tokens: int
+    prompt_ms: float
+    generation_ms: float
+
+
+LlmEvent = Reading | Piece | Finished
+
+
+class StopScanner:
+    """Finds stop strings in streamed text, holding back what might be the start of one."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(s for s in stops if s)
+        self.text = ""
+        self.emitted = 0
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """Returns (text safe to emit now, whether a stop string was reached)."""
+        self.text += piece
+        for stop in self.stops:
+            at = self.text.find(stop, max(0, self.emitted - len(stop)))
+            if at != -1:
+                out = self.text[self.emitted : at]
+                self.emitted = at
+                return out, True
+        hold = max((k for s in self.stops for k in range(1, len(s))
+                    if self.text.endswith(s[:k])), default=0)
+        end = max(self.emitted, len(self.text) - hold)
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out, False
+
+    def flush(self) -> str:
+        out = self.text[self.emitted :]
+        self.emitted = len(self.text)
+        return out
+
+
+class LlmEngine:
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, n_batch: int,
+                 seed: int) -> None:
+        self.n_ctx = n_ctx
+        self.n_batch = n_batch
+        try:
+            self.llama = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_batch=n_batch,
+                               n_threads=threads or os.cpu_count() or 1, seed=seed,
+                               verbose=False)
+        except ValueError as exc:
+            raise ModelError(f"cannot load the LLM {model_path}: {exc}") from exc
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="llm")
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        self.llama.close()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.llama.tokenize(text.encode(), add_bos=False, special=True))
+
+    def metadata(self, key: str) -> str | None:
+        return self.llama.metadata.get(key)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[LlmEvent]:
+        """Run one generation on the worker; yields Reading, Piece..., then one Finished.
+
+        The queue is bounded by construction: at most n_ctx/n_batch Reading events and
+        max_tokens Pieces per request.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[LlmEvent | BaseException] = asyncio.Queue()
+
+        def emit(item: LlmEvent | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        future = loop.run_in_executor(self._worker, self._generate, request, emit)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    break
+        finally:
+            request.cancel.set()  # a consumer that left stops the worker within one token
+            await asyncio.shield(future)
+
+    def _generate(self, request: GenerationRequest, emit: Callable[[object], None]) -> None:
+        try:
+            emit(self._run(request, emit))
+        except BaseException as exc:  # handed to the loop, raised there
+            emit(exc)
+
+    def _run(self, request: GenerationRequest, emit: Callable[[object], None]) -> Finished:
+        llama = self.llama
+        started = time.perf_counter()
+        tokens = llama.tokenize(request.prompt.encode(), add_bos=True, special=True)
+        if len(tokens) + request.max_tokens > self.n_ctx:
+            raise ModelError(f"prompt of {len(tokens)} tokens plus {request.max_tokens} to "
+                             f"generate exceeds the context of {self.n_ctx}")
+        cached = self._read_prompt(tokens, request, emit)
+        if request.cancel.is_set():
+            return Finished("cancelled", len(tokens), cached, 0,
+                            (time.perf_counter() - started) * 1000, 0.0)
+        prompt_done = time.perf_counter()
+        scanner = StopScanner(request.stop)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        vocab = llama._model.vocab
+        finish, generated = "length", 0
+        for token in llama.generate(tokens, temp=request.temperature, top_k=40, top_p=0.95,
+                                    min_p=0.05, repeat_penalty=1.0):
+            if request.cancel.is_set():
+                finish = "cancelled"
+                break
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                finish = "stop"
+                break
+            generated += 1
+            text, stopped = scanner.feed(decoder.decode(llama.detokenize([token], special=False)))
+            if text:
+                emit(Piece(text))
+            if stopped:
+                finish = "stop"
+                break
+            if generated >= request.max_tokens:
+                break
+        if finish != "stop":
+            tail = scanner.flush() if finish == "length" else ""
+            if tail:
+                emit(Piece(tail))
+        end = time.perf_counter()
+        return Finished(finish, len(tokens), cached, generated,
+                        (prompt_done - started) * 1000, (end - prompt_done) * 1000)
+
+    def _read_prompt(self, tokens: list[int], request: GenerationRequest,
+                     emit: Callable[[object], None]) -> int:
+        """Evaluate all but the last prompt token in n_batch steps, reusing the cached prefix.
+
+        ``generate`` then finds this prefix in the cache and evaluates only the last token.
+        Returns how many tokens were already cached.
+        """
+        llama = self.llama
+        cached = 0
+        for a, b in zip(llama._input_ids.tolist(), tokens[:-1]):
+            if a != b:
+                break
+            cached += 1
+        llama.n_tokens = cached
+        target = len(tokens) - 1
+        emit(Reading(cached, target))
+        for start in range(cached, target, self.n_batch):
+            if request.cancel.is_set():
+                break
+            llama.eval(tokens[start : min(target, start + self.n_batch)])
+            emit(Reading(llama.n_tokens, target))
+        return cached

@@ -1,0 +1,43 @@
+"""SQLite schema as an append-only list of migrations; never edit one that has shipped."""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[str] = [
+    # 1: documents and their chunks; vectors live beside the text so the index can be rebuilt.
+    """
+    CREATE TABLE documents (
+        id INTEGER PRIMARY KEY,
+        kb TEXT NOT NULL,
+        path TEXT NOT NULL,
+        title TEXT NOT NULL,
+        format TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        chunk_count INTEGER NOT NULL,
+        ingested_at REAL NOT NULL,
+        UNIQUE (kb, path)
+    );
+    CREATE TABLE chunks (
+        id INTEGER PRIMARY KEY,
+        doc_id INTEGER NOT NULL REFERENCES documents(id) ON DELETE CASCADE,
+        ord INTEGER NOT NULL,
+        heading TEXT NOT NULL,
+        page INTEGER,
+        text TEXT NOT NULL,
+        token_count INTEGER NOT NULL,
+        vector BLOB NOT NULL
+    );
+    CREATE INDEX chunks_doc ON chunks(doc_id);
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+]
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring the schema up to date, one transaction per migration."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+        # executescript commits first; the explicit BEGIN makes each step all-or-nothing.
+        conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")

@@ -1,0 +1,277 @@
+// edgekb web client: protocol edgekb.v1 over one WebSocket. No dependencies, no build step.
+// Server text is only ever put into the page with textContent / text nodes (no innerHTML).
+'use strict';
+(() => {
+  const $ = (s) => document.querySelector(s);
+  const form = $('#ask-form'), input = $('#q'), stopBtn = $('#stop'),
+    conn = $('#conn'), cards = $('#cards'), notice = $('#notice');
+  const PING_EVERY = 15000, PONG_WAIT = 10000, MAX_DELAY = 15000;
+  const STAGES = { retrieving: 'Searching the manuals…', reading: 'Reading sources…',
+    generating: 'Writing the answer…' };
+  let ws = null, delay = 1000, retryTimer = 0, pingTimer = 0, deadTimer = 0, rx = 0;
+  let maxBytes = 65536, canResume = false, n = 0;
+  const reqs = new Map(); // id -> request state (one card each)
+  const outbox = [];      // ids to send once the socket is open
+
+  function el(tag, cls, text) {
+    const e = document.createElement(tag);
+    if (cls) e.className = cls;
+    if (text != null) e.textContent = String(text);
+    return e;
+  }
+  function setConn(state, text) { conn.dataset.state = state; conn.textContent = text; }
+  function showNotice(text) { notice.textContent = text; notice.hidden = !text; }
+  function send(obj) {
+    if (!ws || ws.readyState !== 1) return false;
+    ws.send(JSON.stringify(obj));
+    return true;
+  }
+
+  // ---- connection, reconnect with backoff, app-level heartbeat ----
+  function connect() {
+    clearTimeout(retryTimer); retryTimer = 0;
+    if (ws) return;
+    setConn('connecting', 'Connecting…');
+    const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
+    let s;
+    try { s = new WebSocket(url, ['edgekb.v1']); } catch (e) { scheduleRetry(); return; }
+    ws = s;
+    s.onopen = () => { rx++; setConn('up', 'Connected'); startPing(); flush(); };
+    s.onmessage = (ev) => {
+      rx++;
+      let m;
+      try { m = JSON.parse(ev.data); } catch (e) { return; }
+      if (m && typeof m.type === 'string') onEvent(m);
+    };
+    s.onclose = () => lost(s);
+  }
+
+  // Called on close and on a dead link. Detach the old socket at once: a half-dead socket's
+  // close handshake can take minutes on a phone, and we do not wait for it.
+  function lost(s) {
+    if (s !== ws) return;
+    ws = null;
+    s.onopen = s.onmessage = s.onclose = null;
+    try { s.close(); } catch (e) { /* already closed */ }
+    stopPing();
+    for (const r of reqs.values()) {
+      if (!r.active || !r.sent) continue;
+      r.sent = false;
+      if (canResume) { r.resume = true; outbox.push(r.id); setStatus(r, 'lost', 'Connection lost, will resume…'); }
+      else end(r, 'Connection lost before the answer finished.', true);
+    }
+    scheduleRetry();
+  }
+
+  function scheduleRetry() {
+    if (retryTimer || ws) return;
+    const d = delay;
+    delay = Math.min(delay * 2, MAX_DELAY);
+    setConn('down', 'Reconnecting in ' + Math.round(d / 1000) + ' s…');
+    retryTimer = setTimeout(connect, d);
+  }
+  // The network came back or the phone woke up: do not sit out the backoff.
+  function kick() {
+    if (ws) { ping(); return; }
+    if (retryTimer) { delay = 1000; connect(); }
+  }
+  window.addEventListener('online', kick);
+  document.addEventListener('visibilitychange', () => { if (!document.hidden) kick(); });
+
+  function startPing() { stopPing(); pingTimer = setInterval(ping, PING_EVERY); }
+  function stopPing() { clearInterval(pingTimer); clearTimeout(deadTimer); pingTimer = deadTimer = 0; }
+  // Browsers cannot send protocol pings, so we send {"type":"ping"}. Any inbound frame counts
+  // as life, not only the pong: on a slow link the pong may be queued behind answer deltas,
+  // and a busy link must not be mistaken for a dead one.
+  function ping() {
+    if (deadTimer || !send({ type: 'ping' })) return;
+    const seen = rx, s = ws;
+    deadTimer = setTimeout(() => {
+      deadTimer = 0;
+      if (rx === seen && ws === s) lost(s);
+    }, PONG_WAIT);
+  }
+
+  // ---- requests ----
+  function ask(text) {
+    const id = 'r' + (++n) + '-' + Date.now().toString(36);
+    const r = makeCard(id, text);
+    reqs.set(id, r);
+    const size = new TextEncoder().encode(JSON.stringify({ type: 'ask', id, text })).length;
+    if (size > maxBytes) { end(r, 'too_large: the question is longer than the server accepts.'); return; }
+    outbox.push(id);
+    setStatus(r, 'waiting', 'Waiting for connection…');
+    flush();
+    syncStop();
+  }
+
+  function flush() {
+    while (outbox.length && ws && ws.readyState === 1) {
+      const r = reqs.get(outbox.shift());
+      if (!r || !r.active) continue;
+      send(r.resume ? { type: 'resume', id: r.id, after: r.seq } : { type: 'ask', id: r.id, text: r.text });
+      r.sent = true;
+      if (!r.resume) setStatus(r, 'sent', 'Sent…');
+    }
+  }
+
+  function syncStop() {
+    let any = false;
+    for (const r of reqs.values()) if (r.active) any = true;
+    stopBtn.disabled = !any;
+  }
+
+  function makeCard(id, text) {
+    const card = el('article', 'card'), st = el('div', 'st'), stText = el('span');
+    card.dataset.id = id;
+    st.dataset.testid = 'status';
+    const bar = el('progress');
+    bar.max = 1; bar.hidden = true;
+    st.append(stText, bar);
+    const src = el('ol', 'src'), ans = el('div', 'ans'), body = document.createTextNode('');
+    src.dataset.testid = 'sources';
+    ans.dataset.testid = 'answer';
+    ans.append(body);
+    ans.setAttribute('aria-busy', 'true');
+    card.append(el('h2', 'q', text), st, src, ans);
+    cards.prepend(card);
+    return { id, text, card, st, stText, bar, src, ans, body, seq: 0, active: true, sent: false, resume: false };
+  }
+
+  // key: a stable name for tests and styling (data-stage); text: what the user reads.
+  function setStatus(r, key, text, progress) {
+    r.stText.textContent = text;
+    r.st.dataset.stage = key;
+    const p = Number(progress);
+    r.bar.hidden = !(progress != null && isFinite(p));
+    if (!r.bar.hidden) r.bar.value = Math.max(0, Math.min(1, p));
+  }
+
+  // Finish a request. With `err`, show it inline; with `again`, offer to ask again.
+  function end(r, err, again) {
+    r.active = false;
+    r.ans.setAttribute('aria-busy', 'false');
+    r.bar.hidden = true;
+    if (err) {
+      setStatus(r, 'error', 'Failed');
+      r.card.append(el('p', 'err', err));
+      if (again) {
+        const b = el('button', 'again', 'Ask again');
+        b.type = 'button';
+        b.onclick = () => { b.remove(); ask(r.text); };
+        r.card.append(b);
+      }
+    }
+    syncStop();
+  }
+
+  function renderSources(r, list) {
+    r.src.textContent = '';
+    for (const s of Array.isArray(list) ? list : []) {
+      if (!s || typeof s !== 'object') continue;
+      const li = el('li'), d = el('details'), sum = el('summary');
+      sum.append('[' + (s.n != null ? s.n : r.src.children.length + 1) + '] ',
+        el('b', '', s.title || s.doc || 'Untitled'));
+      if (s.where) sum.append(el('span', 'w', ' — ' + s.where));
+      const sc = Number(s.score);
+      if (s.score != null && isFinite(sc)) sum.append(el('span', 'sc', ' · ' + sc.toFixed(2)));
+      d.append(sum);
+      if (s.doc && s.doc !== s.title) d.append(el('p', '', s.doc));
+      if (s.snippet) d.append(el('p', '', s.snippet));
+      li.append(d);
+      r.src.append(li);
+    }
+  }
+
+  function fmtMs(ms) { return ms >= 1000 ? (ms / 1000).toFixed(1) + ' s' : Math.round(ms) + ' ms'; }
+
+  function onDone(r, m) {
+    // The deltas should add up to done.text; if some were lost, trust the final text.
+    if (typeof m.text === 'string' && m.text !== r.body.data) r.body.data = m.text;
+    const f = m.finish;
+    if (f === 'cancelled') setStatus(r, 'cancelled', 'Stopped');
+    else if (f === 'length') setStatus(r, 'length', 'Done (length limit reached)');
+    else setStatus(r, 'done', 'Done');
+    const t = m.timings || {}, u = m.usage || {}, bits = [];
+    if (Number.isFinite(t.ttft_ms)) bits.push('first token ' + fmtMs(t.ttft_ms));
+    if (Number.isFinite(t.tokens_per_s)) bits.push(t.tokens_per_s.toFixed(1) + ' tokens/s');
+    if (Number.isFinite(t.total_ms)) bits.push('total ' + fmtMs(t.total_ms));
+    if (Number.isFinite(u.completion_tokens)) bits.push(u.completion_tokens + ' tokens');
+    if (bits.length) r.card.append(el('div', 'meta', bits.join(' · ')));
+    end(r);
+  }
+
+  function onEvent(m) {
+    const t = m.type;
+    if (t === 'welcome') {
+      delay = 1000; // a server that answers is back: next outage starts at 1 s again
+      const lim = m.limits || {};
+      if (lim.max_message_bytes > 0) maxBytes = lim.max_message_bytes;
+      canResume = !!(m.resume || (Array.isArray(m.features) && m.features.includes('resume')));
+      if (m.server) conn.title = String(m.server);
+      showNotice('');
+      return;
+    }
+    if (t === 'pong') return;
+    if (t === 'notice') { showNotice(String(m.message || m.text || '')); return; }
+    const r = m.id != null ? reqs.get(m.id) : undefined;
+    if (t === 'error' && !r) { showNotice('Error ' + m.code + ': ' + (m.message || '')); return; }
+    if (!r || !r.active) return;
+    if (typeof m.seq === 'number') { // nothing twice, e.g. after a resume
+      if (m.seq <= r.seq) return;
+      r.seq = m.seq;
+    }
+    switch (t) {
+      case 'queued':
+        setStatus(r, 'queued', typeof m.position === 'number'
+          ? 'Queued: position ' + m.position + (m.position === 1 ? ' (next)' : '') : 'Queued');
+        break;
+      case 'status':
+        setStatus(r, String(m.stage), STAGES[m.stage] || String(m.stage),
+          m.stage === 'reading' ? m.progress : null);
+        break;
+      case 'sources':
+        renderSources(r, m.sources);
+        break;
+      case 'delta':
+        if (typeof m.text !== 'string') break;
+        const k = r.st.dataset.stage;
+        if (k !== 'generating' && k !== 'stopping') setStatus(r, 'generating', STAGES.generating);
+        r.body.appendData(m.text);
+        break;
+      case 'done':
+        onDone(r, m);
+        break;
+      case 'error': {
+        let msg = (m.code || 'error') + ': ' + (m.message || '');
+        if (m.retry_after != null) msg += ' (retry in ' + m.retry_after + ' s)';
+        end(r, msg, m.code === 'busy' || m.code === 'rate_limited' || m.code === 'internal');
+        break;
+      }
+      default: // unknown types are ignored (forward compatibility)
+    }
+  }
+
+  // ---- UI ----
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    const text = input.value.trim();
+    if (!text) return;
+    input.value = '';
+    ask(text);
+  });
+  stopBtn.addEventListener('click', () => {
+    for (const r of reqs.values()) {
+      if (!r.active) continue;
+      if (r.sent && send({ type: 'cancel', id: r.id })) { setStatus(r, 'stopping', 'Stopping…'); continue; }
+      const i = outbox.indexOf(r.id);
+      if (i >= 0) outbox.splice(i, 1);
+      setStatus(r, 'cancelled', 'Stopped');
+      end(r);
+    }
+  });
+
+  const q = new URLSearchParams(location.search).get('q');
+  if (q && q.trim()) ask(q.trim()); // sent as soon as the socket opens
+  connect();
+})();

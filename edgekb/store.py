@@ -1,0 +1,225 @@
+"""SQLite store of documents and chunks.
+
+``Store`` is blocking and owns one connection; it is used from one thread at a time.
+``AsyncStore`` gives the event loop a single writer thread (SQLite allows one writer; queuing
+writes on one thread avoids lock waits) and a small pool of readers, each with its own connection.
+WAL with synchronous=FULL: an acknowledged write survives power loss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from .migrations import migrate
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class NewChunk:
+    heading: str
+    page: int | None
+    text: str
+    token_count: int
+
+
+@dataclass(frozen=True)
+class ChunkHit:
+    """A stored chunk with what a citation needs."""
+
+    id: int
+    doc_path: str
+    title: str
+    heading: str
+    page: int | None
+    text: str
+
+
+@dataclass(frozen=True)
+class DocumentRow:
+    id: int
+    kb: str
+    path: str
+    title: str
+    sha256: str
+    chunk_count: int
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=10000")
+    migrate(conn)
+    return conn
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.conn = connect(path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def document(self, kb: str, path: str) -> DocumentRow | None:
+        row = self.conn.execute(
+            "SELECT id, kb, path, title, sha256, chunk_count FROM documents WHERE kb=? AND path=?",
+            (kb, path),
+        ).fetchone()
+        return DocumentRow(*row) if row else None
+
+    def documents(self, kb: str | None = None) -> list[DocumentRow]:
+        sql = "SELECT id, kb, path, title, sha256, chunk_count FROM documents"
+        rows = self.conn.execute(sql + " WHERE kb=? ORDER BY path", (kb,)) if kb else \
+            self.conn.execute(sql + " ORDER BY kb, path")
+        return [DocumentRow(*r) for r in rows]
+
+    def replace_document(
+        self, kb: str, path: str, title: str, fmt: str, sha256: str, size: int,
+        chunks: Sequence[NewChunk], vectors: np.ndarray,
+    ) -> tuple[list[int], list[int]]:
+        """Store a document and its chunks in one transaction, replacing any earlier version.
+
+        Returns (ids of the removed chunks, ids of the new chunks) for the index to follow.
+        """
+        assert len(chunks) == len(vectors)
+        with self._transaction():
+            old = self.document(kb, path)
+            removed = self._chunk_ids(old.id) if old else []
+            if old:
+                self.conn.execute("DELETE FROM documents WHERE id=?", (old.id,))
+            doc_id = self.conn.execute(
+                "INSERT INTO documents (kb, path, title, format, sha256, size, chunk_count,"
+                " ingested_at) VALUES (?,?,?,?,?,?,?,?)",
+                (kb, path, title, fmt, sha256, size, len(chunks), time.time()),
+            ).lastrowid
+            added = []
+            for ord_, (chunk, vector) in enumerate(zip(chunks, vectors)):
+                cur = self.conn.execute(
+                    "INSERT INTO chunks (doc_id, ord, heading, page, text, token_count, vector)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    (doc_id, ord_, chunk.heading, chunk.page, chunk.text, chunk.token_count,
+                     np.asarray(vector, dtype=np.float32).tobytes()),
+                )
+                added.append(cur.lastrowid)
+        return removed, added
+
+    def delete_document(self, kb: str, path: str) -> list[int]:
+        """Remove a document; returns the ids of its chunks."""
+        with self._transaction():
+            old = self.document(kb, path)
+            if old is None:
+                return []
+            removed = self._chunk_ids(old.id)
+            self.conn.execute("DELETE FROM documents WHERE id=?", (old.id,))
+        return removed
+
+    def chunks(self, ids: Sequence[int]) -> dict[int, ChunkHit]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(
+            "SELECT c.id, d.path, d.title, c.heading, c.page, c.text FROM chunks c"
+            f" JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})",
+            list(ids),
+        )
+        return {r[0]: ChunkHit(*r) for r in rows}
+
+    def chunk_count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+
+    def chunk_ids(self) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM chunks ORDER BY id")]
+
+    def vectors(self, batch: int = 2048) -> Iterator[tuple[list[int], np.ndarray]]:
+        """All stored vectors in id order, a bounded batch at a time."""
+        last = 0
+        while True:
+            rows = self.conn.execute(
+                "SELECT id, vector FROM chunks WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+            ).fetchall()
+            if not rows:
+                return
+            yield [r[0] for r in rows], np.stack(
+                [np.frombuffer(r[1], dtype=np.float32) for r in rows])
+            last = rows[-1][0]
+
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+
+    def _chunk_ids(self, doc_id: int) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM chunks WHERE doc_id=?", (doc_id,))]
+
+    def _transaction(self) -> "_Transaction":
+        return _Transaction(self.conn)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on error (the connection is in autocommit mode)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def __enter__(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        self.conn.execute("ROLLBACK" if exc_type else "COMMIT")
+
+
+class AsyncStore:
+    """The store seen from the event loop: one writer thread, a few reader threads."""
+
+    def __init__(self, path: Path, readers: int = 2) -> None:
+        self.path = path
+        self._writer_pool = ThreadPoolExecutor(1, thread_name_prefix="db-write")
+        self._reader_pool = ThreadPoolExecutor(readers, thread_name_prefix="db-read")
+        self._writer: Store | None = None
+        self._local = threading.local()
+        self._readers: list[Store] = []
+        self._readers_lock = threading.Lock()
+
+    async def write(self, fn: Callable[[Store], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._writer_pool, lambda: fn(self._writer_store()))
+
+    async def read(self, fn: Callable[[Store], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader_pool, lambda: fn(self._reader_store()))
+
+    def close(self) -> None:
+        self._writer_pool.shutdown(wait=True)
+        self._reader_pool.shutdown(wait=True)
+        for store in [*self._readers, *([self._writer] if self._writer else [])]:
+            store.close()
+
+    def _writer_store(self) -> Store:
+        if self._writer is None:
+            self._writer = Store(self.path)
+        return self._writer
+
+    def _reader_store(self) -> Store:
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = Store(self.path)
+            with self._readers_lock:
+                self._readers.append(store)
+        return store
