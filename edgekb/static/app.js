@@ -101,6 +101,7 @@
     if (size > maxBytes) { end(r, 'too_large: the question is longer than the server accepts.'); return; }
     outbox.push(id);
     setStatus(r, 'waiting', 'Waiting for connection…');
+    if (!ws) kick(); // the user is here now: do not wait out the backoff
     flush();
     syncStop();
   }

@@ -1,0 +1,134 @@
+"""Shared fixtures: the real default models, a data dir with the demo manuals, a real server.
+
+The server is the real `edgekb serve` process on a free loopback port, started once per test
+module that uses it. Models come from the cache that scripts/test fills (TEST_MODEL_CACHE), or
+are fetched here once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from edgekb.catalog import Catalog, default_manifest_path, fetch
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = ("gemma3-270m", "minilm-l6-int8")
+READY = re.compile(r"edgekb ready on http://([\d.]+):(\d+)/")
+DEMO_QUESTION = "How do I reset the pump after an overpressure trip?"
+
+
+@pytest.fixture(scope="session")
+def models_cache() -> Path:
+    cache = Path(os.environ.get("TEST_MODEL_CACHE", REPO / ".cache" / "models"))
+    catalog = Catalog.load(default_manifest_path())
+    for name in DEFAULT_MODELS:
+        fetch(cache, catalog.get(name))  # a no-op when already verified
+    return cache
+
+
+def edgekb_env(models_cache: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKB_")}
+    env["EDGEKB_MODELS__CACHE_DIR"] = str(models_cache)
+    env.update(extra)
+    return env
+
+
+def run_edgekb(args: list[str], env: dict[str, str], timeout: float = 300,
+               check: bool = False) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "edgekb", *args], env=env, text=True,
+                            capture_output=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"edgekb {' '.join(args)} failed:\n{result.stderr}")
+    return result
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    url: str
+    data_dir: Path
+    log: Path
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "ws"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+def start_server(data_dir: Path, env: dict[str, str], *extra_args: str,
+                 timeout: float = 120) -> Server:
+    """Start `edgekb serve --port 0` and wait for its ready line (bounded in time)."""
+    log = data_dir.parent / f"{data_dir.name}-serve.log"
+    with log.open("w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "edgekb", "serve", "--data-dir", str(data_dir),
+             "--host", "127.0.0.1", "--port", "0", *extra_args],
+            env=env, text=True, stdout=log_file, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = READY.search(log.read_text())
+        if match:
+            return Server(process, f"http://{match[1]}:{match[2]}/", data_dir, log)
+        if process.poll() is not None:
+            raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()}")
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError(f"server not ready in {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def demo_data_dir(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Path:
+    data_dir = tmp_path_factory.mktemp("demo") / "data"
+    run_edgekb(["ingest", "--demo", "--data-dir", str(data_dir)], edgekb_env(models_cache),
+               check=True)
+    return data_dir
+
+
+@pytest.fixture(scope="module")
+def server(demo_data_dir: Path, models_cache: Path) -> Iterator[Server]:
+    srv = start_server(demo_data_dir, edgekb_env(models_cache))
+    yield srv
+    srv.stop()
+
+
+async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
+                  timeout: float = 180) -> list[dict[str, Any]]:
+    """Events of one request until its done or error (bounded by a deadline)."""
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        msg = await ws.receive(timeout=deadline - time.monotonic())
+        assert msg.type == aiohttp.WSMsgType.TEXT, f"connection ended: {msg}"
+        message = json.loads(msg.data)
+        if message.get("id") != request_id:
+            continue
+        events.append(message)
+        if message["type"] in ("done", "error"):
+            return events
+    raise AssertionError(f"no done/error for {request_id} within {timeout} s: {events}")
+
+
+async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 30) -> dict[str, Any]:
+    msg = await ws.receive(timeout=timeout)
+    assert msg.type == aiohttp.WSMsgType.TEXT, f"connection ended: {msg}"
+    return json.loads(msg.data)
