@@ -15,7 +15,8 @@ from typing import Any
 
 from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
 from .prompt import PromptBuilder, cite_where
-from .retrieval import Retriever, ScoredHit
+from .retrieval import ScoredHit, Searcher
+from .store import AsyncStore
 
 SNIPPET_CHARS = 240
 
@@ -26,6 +27,7 @@ class AnswerOptions:
     max_tokens: int
     temperature: float
     flush_interval_s: float
+    kbs: tuple[str, ...] | None = None   # None: every knowledge base
 
 
 def source_entry(number: int, scored: ScoredHit) -> dict[str, Any]:
@@ -37,8 +39,10 @@ def source_entry(number: int, scored: ScoredHit) -> dict[str, Any]:
 
 
 class AnswerEngine:
-    def __init__(self, retriever: Retriever, prompts: PromptBuilder, llm: LlmEngine) -> None:
-        self.retriever = retriever
+    def __init__(self, store: AsyncStore, searcher: Searcher, prompts: PromptBuilder,
+                 llm: LlmEngine) -> None:
+        self.store = store
+        self.searcher = searcher
         self.prompts = prompts
         self.llm = llm
 
@@ -47,7 +51,8 @@ class AnswerEngine:
         """Events of one answer; setting ``cancel`` stops generation within one token."""
         started = time.perf_counter()
         yield {"type": "status", "stage": "retrieving"}
-        hits = await self.retriever.search(question, options.k)
+        hits = await self.store.read(
+            lambda db: self.searcher.search(db, question, options.k, options.kbs))
         retrieval_ms = (time.perf_counter() - started) * 1000
         loop = asyncio.get_running_loop()
         # Token counting runs llama's tokenizer: keep it off the loop.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import WSCloseCode, web
@@ -17,8 +16,8 @@ from aiohttp import WSCloseCode, web
 from . import keys
 from .answer import AnswerEngine
 from .config import Settings
-from .engines import load_embedder, load_llm, open_catalog, open_index, prompt_builder
-from .retrieval import Retriever
+from .engines import load_embedder, load_llm, open_catalog, open_library, prompt_builder
+from .retrieval import Searcher
 from .store import AsyncStore
 from .ws import websocket_handler
 
@@ -29,7 +28,7 @@ def create_app(settings: Settings) -> web.Application:
     app = web.Application(client_max_size=settings.server.max_message_bytes)
     app[keys.SETTINGS] = settings
     app[keys.SOCKETS] = weakref.WeakSet()
-    app.cleanup_ctx.extend([_store, _embedder, _index, _llm, _answers])
+    app.cleanup_ctx.extend([_store, _embedder, _library, _llm])
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", _healthz)
@@ -53,17 +52,13 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     catalog = await _in_thread(open_catalog, settings)
     app[keys.EMBEDDER] = await _in_thread(load_embedder, settings, catalog)
-    # Its own pool: a query embedding never waits behind SQLite work or an ingest.
-    pool = ThreadPoolExecutor(1, thread_name_prefix="embed")
-    app[keys.EMBED_POOL] = pool
     yield
-    pool.shutdown(wait=True)
 
 
-async def _index(app: web.Application) -> AsyncIterator[None]:
-    index = open_index(app[keys.SETTINGS], app[keys.EMBEDDER])
-    await app[keys.STORE].write(index.load_or_rebuild)
-    app[keys.INDEX] = index
+async def _library(app: web.Application) -> AsyncIterator[None]:
+    library = open_library(app[keys.SETTINGS], app[keys.EMBEDDER])
+    await app[keys.STORE].write(library.load)
+    app[keys.LIBRARY] = library
     yield
 
 
@@ -73,15 +68,10 @@ async def _llm(app: web.Application) -> AsyncIterator[None]:
     llm, entry = await _in_thread(load_llm, settings, catalog)
     app[keys.LLM] = llm
     builder = await _in_thread(prompt_builder, settings, llm, entry)
-    retriever = Retriever(app[keys.STORE], app[keys.EMBEDDER], app[keys.INDEX],
-                          app[keys.EMBED_POOL])
-    app[keys.ANSWERS] = AnswerEngine(retriever, builder, llm)
+    searcher = Searcher(app[keys.EMBEDDER], app[keys.LIBRARY])
+    app[keys.ANSWERS] = AnswerEngine(app[keys.STORE], searcher, builder, llm)
     yield
     await _in_thread(llm.close)
-
-
-async def _answers(app: web.Application) -> AsyncIterator[None]:
-    yield
 
 
 async def _close_sockets(app: web.Application) -> None:

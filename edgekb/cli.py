@@ -38,6 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ingest)
     ingest.add_argument("paths", nargs="*", type=Path)
     ingest.add_argument("--demo", action="store_true", help="ingest the bundled demo manuals")
+    ingest.add_argument("--kb", default="default", help="knowledge base (default: default)")
+
+    search = sub.add_parser("search", help="show the chunks retrieval finds, without the LLM")
+    _common(search)
+    search.add_argument("query")
+    search.add_argument("--kb", action="append", help="knowledge base(s) to search (default: all)")
+    search.add_argument("--k", type=int, default=5)
+    search.add_argument("--mode", choices=("hybrid", "vector", "keyword"), default="hybrid")
+    search.add_argument("--json", action="store_true", help="one JSON object per chunk per line")
 
     ask = sub.add_parser("ask", help="ask a running server a question")
     ask.add_argument("question")
@@ -92,30 +101,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .datadir import exclusive
-    from .engines import load_embedder, open_catalog, open_index
+    from .engines import load_embedder, open_catalog, open_library
     from .ingest import Ingestor
-    from .store import Store
+    from .store import Store, check_kb_name
 
     settings = _settings(args)
     paths = list(args.paths) + ([DEMO_DIR] if args.demo else [])
     if not paths:
         print("edgekb ingest: name files or folders, or --demo", file=sys.stderr)
         return EXIT_USAGE
+    check_kb_name(args.kb)
     with exclusive(settings.data_dir, "edgekb ingest"):
         embedder = load_embedder(settings, open_catalog(settings))
         store = Store(settings.db_path)
         try:
-            index = open_index(settings, embedder)
-            index.load_or_rebuild(store)
-            ingestor = Ingestor(store, embedder, index,
+            library = open_library(settings, embedder)
+            library.get(args.kb).load_or_rebuild(store)
+            ingestor = Ingestor(store, embedder, library,
                                 chunk_tokens=settings.chunking.chunk_tokens,
                                 overlap_tokens=settings.chunking.overlap_tokens)
-            report = ingestor.ingest(paths, on_file=_print_file_result)
+            report = ingestor.ingest(paths, args.kb, on_file=_print_file_result)
         finally:
             store.close()
     print(f"{report.count('added')} added, {report.count('updated')} updated, "
-          f"{report.count('unchanged')} unchanged, {report.count('failed')} failed; "
-          f"{len(index)} chunks in the index", file=sys.stderr)
+          f"{report.count('unchanged')} unchanged, {report.count('removed')} removed, "
+          f"{report.count('failed')} failed; {report.chunks} chunks in these files, "
+          f"{len(library.get(args.kb))} in knowledge base {args.kb!r}", file=sys.stderr)
     return 1 if report.count("failed") else 0
 
 
@@ -123,6 +134,40 @@ def _print_file_result(result: Any) -> None:
     detail = f"{result.chunks} chunks" if result.status != "failed" else \
         f"[{result.code}] {result.error}"
     print(f"{result.status:>9}  {result.path}  ({detail})", file=sys.stderr)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import json
+
+    from .answer import source_entry
+    from .engines import load_embedder, open_catalog, open_library
+    from .retrieval import Searcher
+    from .store import Store, check_kb_name
+
+    settings = _settings(args)
+    kbs = [check_kb_name(kb) for kb in args.kb] if args.kb else None
+    embedder = load_embedder(settings, open_catalog(settings))
+    library = open_library(settings, embedder)
+    store = Store(settings.db_path)
+    try:
+        # Read-only use of a copy in memory: never rewrites index files a server may own.
+        for kb in kbs or store.kbs():
+            library.get(kb).load_or_rebuild(store, save=False)
+        hits = Searcher(embedder, library).search(store, args.query, args.k, kbs, args.mode)
+    finally:
+        store.close()
+    for number, scored in enumerate(hits, start=1):
+        entry = source_entry(number, scored)
+        if args.json:
+            print(json.dumps({**entry, "kb": scored.hit.kb, "chunk": scored.hit.id,
+                              "text": scored.hit.text}, ensure_ascii=False))
+        else:
+            where = f" · {entry['where']}" if entry["where"] else ""
+            print(f"[{number}] {entry['score']:.3f}  {entry['doc']}{where}  ({scored.hit.kb})")
+            print("    " + scored.hit.text.replace("\n", "\n    ") + "\n")
+    if not hits and not args.json:
+        print("no matching chunks", file=sys.stderr)
+    return 0
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -175,5 +220,5 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "ingest": cmd_ingest, "ask": cmd_ask, "models": cmd_models,
+COMMANDS = {"serve": cmd_serve, "ingest": cmd_ingest, "search": cmd_search, "ask": cmd_ask, "models": cmd_models,
             "config": cmd_config}

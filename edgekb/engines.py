@@ -14,7 +14,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from .catalog import Catalog, ModelEntry, default_manifest_path, verify
 from .config import Settings
 from .embed import Embedder
-from .index import VectorIndex
+from .index import Library
 from .llm import LlmEngine
 from .prompt import PromptBuilder
 
@@ -35,8 +35,8 @@ def load_embedder(settings: Settings, catalog: Catalog) -> Embedder:
                     threads=settings.embedding.threads, batch_size=settings.embedding.batch_size)
 
 
-def open_index(settings: Settings, embedder: Embedder) -> VectorIndex:
-    return VectorIndex(embedder.dim, settings.index_path)
+def open_library(settings: Settings, embedder: Embedder) -> Library:
+    return Library(embedder.dim, settings.data_dir)
 
 
 def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine, ModelEntry]:

@@ -95,3 +95,15 @@ class Busy(EdgekbError):
 
     def __init__(self, message: str, retry_after: float) -> None:
         super().__init__(message, retry_after=retry_after)
+
+
+class EncryptedDocument(IngestError):
+    """The document needs a password; edgekb never asks for one."""
+
+    code = "encrypted_document"
+
+
+class CorruptDocument(IngestError):
+    """The file is damaged or is not the format its name says."""
+
+    code = "corrupt_document"

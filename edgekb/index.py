@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 M = 16
 EF_CONSTRUCTION = 200
 EF_SEARCH = 64
-META_FILE_SHA = "index.file_sha256"
-META_IDS_SHA = "index.ids_sha256"
 
 
 def ids_digest(ids: Iterable[int]) -> str:
@@ -48,9 +46,12 @@ def file_sha256(path: Path) -> str:
 class VectorIndex:
     """Cosine index of chunk vectors labelled by chunk id; one lock makes it thread-safe."""
 
-    def __init__(self, dim: int, path: Path) -> None:
+    def __init__(self, dim: int, path: Path, kb: str) -> None:
         self.dim = dim
         self.path = path
+        self.kb = kb
+        self._meta_file = f"index.{kb}.file_sha256"
+        self._meta_ids = f"index.{kb}.ids_sha256"
         self._lock = threading.Lock()
         self._ids: set[int] = set()
         self._index = self._new_index(1024)
@@ -105,26 +106,29 @@ class VectorIndex:
         _fsync_dir(self.path.parent)
         # Recorded after the rename: a crash in between leaves a checksum that does not match,
         # which start-up treats as "rebuild", never as "trust".
-        store.set_meta(META_FILE_SHA, file_sha256(self.path))
-        store.set_meta(META_IDS_SHA, ids_digest(ids))
+        store.set_meta(self._meta_file, file_sha256(self.path))
+        store.set_meta(self._meta_ids, ids_digest(ids))
 
-    def load_or_rebuild(self, store: Store) -> str:
-        """Load the saved index if it matches SQLite exactly; otherwise rebuild. Says which."""
-        stored_ids = store.chunk_ids()
+    def load_or_rebuild(self, store: Store, save: bool = True) -> str:
+        """Load the saved index if it matches SQLite exactly; otherwise rebuild. Says which.
+
+        ``save=False`` rebuilds in memory only, for read-only users beside a running server.
+        """
+        stored_ids = store.chunk_ids(self.kb)
         expected_ids = ids_digest(stored_ids)
         reason = self._try_load(store, stored_ids, expected_ids)
         if reason is None:
             return "loaded"
-        log.warning("rebuilding the vector index from SQLite: %s", reason)
-        self.rebuild(store)
+        log.warning("rebuilding the vector index of %r from SQLite: %s", self.kb, reason)
+        self.rebuild(store, save)
         return "rebuilt"
 
     def _try_load(self, store: Store, stored_ids: list[int], expected_ids: str) -> str | None:
         if not self.path.exists():
             return "no index file" if stored_ids else None
-        if store.meta(META_FILE_SHA) != file_sha256(self.path):
+        if store.meta(self._meta_file) != file_sha256(self.path):
             return "index file checksum does not match"
-        if store.meta(META_IDS_SHA) != expected_ids:
+        if store.meta(self._meta_ids) != expected_ids:
             return "index holds other chunks than SQLite"
         index = hnswlib.Index(space="cosine", dim=self.dim)
         index.load_index(str(self.path), allow_replace_deleted=True)
@@ -134,14 +138,15 @@ class VectorIndex:
             self._ids = set(stored_ids)
         return None
 
-    def rebuild(self, store: Store) -> None:
-        count = store.chunk_count()
+    def rebuild(self, store: Store, save: bool = True) -> None:
+        count = store.chunk_count(self.kb)
         with self._lock:
             self._index = self._new_index(max(1024, count))
             self._ids = set()
-        for ids, vectors in store.vectors():
+        for ids, vectors in store.vectors(self.kb):
             self.add(ids, vectors)
-        self.save(store)
+        if save:
+            self.save(store)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -150,3 +155,27 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Library:
+    """One vector index per knowledge base, each in its own file under the data dir."""
+
+    def __init__(self, dim: int, data_dir: Path) -> None:
+        self.dim = dim
+        self.data_dir = data_dir
+        self._indexes: dict[str, VectorIndex] = {}
+        self._lock = threading.Lock()
+
+    def get(self, kb: str) -> VectorIndex:
+        with self._lock:
+            if kb not in self._indexes:
+                self._indexes[kb] = VectorIndex(self.dim, self.data_dir / f"index-{kb}.bin", kb)
+            return self._indexes[kb]
+
+    def kbs(self) -> list[str]:
+        with self._lock:
+            return sorted(kb for kb, index in self._indexes.items() if len(index))
+
+    def load(self, store: Store) -> dict[str, str]:
+        """Load (or rebuild) the index of every knowledge base SQLite knows; says which."""
+        return {kb: self.get(kb).load_or_rebuild(store) for kb in store.kbs()}

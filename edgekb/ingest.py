@@ -16,9 +16,9 @@ from pathlib import Path
 from .chunking import chunk_sections
 from .embed import Embedder
 from .errors import DocumentTooLarge, EdgekbError, IngestError
-from .index import VectorIndex
+from .index import Library
 from .loaders import load_document, supported
-from .store import Store
+from .store import Store, check_kb_name
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 @dataclass(frozen=True)
 class FileResult:
     path: str
-    status: str            # added | updated | unchanged | failed
+    status: str            # added | updated | unchanged | removed | failed
     chunks: int = 0
     error: str = ""
     code: str = ""
@@ -64,27 +64,44 @@ def embedding_text(title: str, heading: str, text: str) -> str:
 
 
 class Ingestor:
-    def __init__(self, store: Store, embedder: Embedder, index: VectorIndex, *,
+    def __init__(self, store: Store, embedder: Embedder, library: Library, *,
                  chunk_tokens: int, overlap_tokens: int) -> None:
         self.store = store
         self.embedder = embedder
-        self.index = index
+        self.library = library
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
 
     def ingest(self, paths: Iterable[Path], kb: str = DEFAULT_KB,
                on_file: Callable[[FileResult], None] | None = None) -> IngestReport:
+        """Add or update the given files; a folder is synchronised (its deleted files removed)."""
+        check_kb_name(kb)
+        paths = [p.resolve() for p in paths]
         report = IngestReport()
-        changed = False
+        seen: set[str] = set()
         for path in expand_paths(paths):
-            result = self._ingest_file(path.resolve(), kb)
-            changed |= result.status in ("added", "updated")
-            report.results.append(result)
-            if on_file:
-                on_file(result)
-        if changed:
-            self.index.save(self.store)
+            seen.add(str(path))
+            self._record(report, self._ingest_file(path, kb), on_file)
+        for folder in (p for p in paths if p.is_dir()):
+            for doc in self.store.documents(kb):
+                if doc.path.startswith(f"{folder}/") and doc.path not in seen:
+                    self._record(report, self.remove(kb, doc.path), on_file)
+        if any(r.status != "unchanged" and r.status != "failed" for r in report.results):
+            self.library.get(kb).save(self.store)
         return report
+
+    def remove(self, kb: str, path: str) -> FileResult:
+        """Forget a document; the caller saves the index."""
+        removed = self.store.delete_document(kb, path)
+        self.library.get(kb).remove(removed)
+        return FileResult(path, "removed", len(removed))
+
+    @staticmethod
+    def _record(report: IngestReport, result: FileResult,
+                on_file: Callable[[FileResult], None] | None) -> None:
+        report.results.append(result)
+        if on_file:
+            on_file(result)
 
     def _ingest_file(self, path: Path, kb: str) -> FileResult:
         try:
@@ -110,6 +127,7 @@ class Ingestor:
             return FileResult(str(path), "failed", error=exc.message, code=exc.code)
         except OSError as exc:
             return FileResult(str(path), "failed", error=f"{path}: {exc.strerror}", code="io_error")
-        self.index.remove(removed)
-        self.index.add(added, vectors)
+        index = self.library.get(kb)
+        index.remove(removed)
+        index.add(added, vectors)
         return FileResult(str(path), "updated" if existing else "added", len(chunks))

@@ -32,6 +32,27 @@ MIGRATIONS: list[str] = [
     CREATE INDEX chunks_doc ON chunks(doc_id);
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # 2: keyword search. Porter-stemmed FTS5 for alphabetic scripts, trigram for CJK (the
+    # default tokenizer does not segment Chinese). Triggers keep both in step with chunks,
+    # inside the same transaction, cascade deletes included.
+    """
+    CREATE VIRTUAL TABLE chunks_fts USING fts5(
+        title, heading, text, tokenize='porter unicode61 remove_diacritics 2');
+    CREATE VIRTUAL TABLE chunks_trigram USING fts5(text, tokenize='trigram');
+    INSERT INTO chunks_fts (rowid, title, heading, text)
+        SELECT c.id, d.title, c.heading, c.text FROM chunks c JOIN documents d ON d.id = c.doc_id;
+    INSERT INTO chunks_trigram (rowid, text) SELECT id, text FROM chunks;
+    CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
+        INSERT INTO chunks_fts (rowid, title, heading, text)
+            SELECT new.id, d.title, new.heading, new.text FROM documents d WHERE d.id = new.doc_id;
+        INSERT INTO chunks_trigram (rowid, text) VALUES (new.id, new.text);
+    END;
+    CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
+        DELETE FROM chunks_fts WHERE rowid = old.id;
+        DELETE FROM chunks_trigram WHERE rowid = old.id;
+    END;
+    CREATE INDEX documents_kb ON documents(kb);
+    """,
 ]
 
 

@@ -9,6 +9,7 @@ WAL with synchronous=FULL: an acknowledged write survives power loss.
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -20,9 +21,24 @@ from typing import TypeVar
 
 import numpy as np
 
+from .errors import EdgekbError
 from .migrations import migrate
 
 T = TypeVar("T")
+
+_KB_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class InvalidKbName(EdgekbError):
+    code = "invalid_kb"
+
+
+def check_kb_name(name: str) -> str:
+    """Knowledge base names are short slugs: they name files and appear in URLs."""
+    if not _KB_NAME.match(name):
+        raise InvalidKbName(f"knowledge base name {name!r}: use 1-32 of a-z 0-9 _ -,"
+                            " starting with a letter or digit")
+    return name
 
 
 @dataclass(frozen=True)
@@ -38,6 +54,7 @@ class ChunkHit:
     """A stored chunk with what a citation needs."""
 
     id: int
+    kb: str
     doc_path: str
     title: str
     heading: str
@@ -131,30 +148,59 @@ class Store:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.conn.execute(
-            "SELECT c.id, d.path, d.title, c.heading, c.page, c.text FROM chunks c"
+            "SELECT c.id, d.kb, d.path, d.title, c.heading, c.page, c.text FROM chunks c"
             f" JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})",
             list(ids),
         )
         return {r[0]: ChunkHit(*r) for r in rows}
 
-    def chunk_count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    def chunk_vectors(self, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(f"SELECT id, vector FROM chunks WHERE id IN ({marks})", list(ids))
+        return {r[0]: np.frombuffer(r[1], dtype=np.float32) for r in rows}
 
-    def chunk_ids(self) -> list[int]:
-        return [r[0] for r in self.conn.execute("SELECT id FROM chunks ORDER BY id")]
+    def kbs(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT DISTINCT kb FROM documents ORDER BY kb")]
 
-    def vectors(self, batch: int = 2048) -> Iterator[tuple[list[int], np.ndarray]]:
-        """All stored vectors in id order, a bounded batch at a time."""
+    def chunk_count(self, kb: str) -> int:
+        return self.conn.execute(
+            "SELECT count(*) FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE d.kb=?",
+            (kb,)).fetchone()[0]
+
+    def chunk_ids(self, kb: str) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT c.id FROM chunks c JOIN documents d ON d.id = c.doc_id WHERE d.kb=?"
+            " ORDER BY c.id", (kb,))]
+
+    def vectors(self, kb: str, batch: int = 2048) -> Iterator[tuple[list[int], np.ndarray]]:
+        """A knowledge base's stored vectors in id order, a bounded batch at a time."""
         last = 0
         while True:
             rows = self.conn.execute(
-                "SELECT id, vector FROM chunks WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                "SELECT c.id, c.vector FROM chunks c JOIN documents d ON d.id = c.doc_id"
+                " WHERE d.kb=? AND c.id > ? ORDER BY c.id LIMIT ?", (kb, last, batch)
             ).fetchall()
             if not rows:
                 return
             yield [r[0] for r in rows], np.stack(
                 [np.frombuffer(r[1], dtype=np.float32) for r in rows])
             last = rows[-1][0]
+
+    def keyword_search(self, kb: str, match: str, k: int, trigram: bool = False
+                       ) -> list[tuple[int, float]]:
+        """(chunk id, BM25 score where higher is better) for an FTS5 MATCH expression."""
+        table = "chunks_trigram" if trigram else "chunks_fts"
+        try:
+            rows = self.conn.execute(
+                f"SELECT f.rowid, -bm25({table}) FROM {table} f"
+                " JOIN chunks c ON c.id = f.rowid JOIN documents d ON d.id = c.doc_id"
+                f" WHERE {table} MATCH ? AND d.kb = ? ORDER BY bm25({table}) LIMIT ?",
+                (match, kb, k)).fetchall()
+        except sqlite3.OperationalError:
+            return []  # a query FTS5 cannot parse finds nothing, it does not fail the answer
+        return [(r[0], r[1]) for r in rows]
 
     def meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()

@@ -1,0 +1,91 @@
+"""What every loader returns, and the helpers they share: a text budget and a heading outline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import DocumentTooLarge
+
+# Extracted text is capped so a small hostile file (or a 5000-page catalogue) cannot fill the
+# RAM of a small board; 20 M characters is far more than any manual.
+MAX_CHARS = 20_000_000
+
+
+@dataclass(frozen=True)
+class Section:
+    heading: str          # heading path joined with " > ", "" for none
+    page: int | None      # 1-based page for paged formats
+    text: str
+
+
+@dataclass(frozen=True)
+class LoadedDocument:
+    title: str
+    format: str
+    sections: list[Section]
+
+
+Loader = Callable[[Path, bytes], LoadedDocument]
+
+
+class TextBudget:
+    """Counts the characters a loader extracts and stops it once the cap is passed."""
+
+    def __init__(self, path: Path, limit: int = MAX_CHARS) -> None:
+        self.path = path
+        self.limit = limit
+        self.used = 0
+
+    def take(self, text: str) -> str:
+        self.used += len(text)
+        if self.used > self.limit:
+            raise DocumentTooLarge(
+                f"{self.path.name}: more than {self.limit:,} characters of text")
+        return text
+
+
+class Outline:
+    """Lines grouped under the heading path in force; a heading closes the section before it."""
+
+    def __init__(self, budget: TextBudget) -> None:
+        self.budget = budget
+        self.sections: list[Section] = []
+        self._stack: list[tuple[int, str]] = []
+        self._lines: list[str] = []
+
+    def heading(self, level: int, text: str) -> None:
+        self.flush()
+        while self._stack and self._stack[-1][0] >= level:
+            self._stack.pop()
+        self._stack.append((level, self.budget.take(text)))
+
+    def reset(self) -> None:
+        """A heading that is the document title: it ends the path but is not part of it."""
+        self.flush()
+        self._stack.clear()
+
+    def add(self, line: str) -> None:
+        self._lines.append(self.budget.take(line))
+
+    def flush(self) -> None:
+        body = "\n".join(self._lines).strip()
+        if body:
+            self.sections.append(Section(" > ".join(h for _, h in self._stack), None, body))
+        self._lines.clear()
+
+
+def table_row(cells: Iterable[str]) -> str:
+    """One table row on one line, pipe-framed: chunking keeps "|" lines whole."""
+    return "| " + " | ".join(" ".join(cell.split()) for cell in cells) + " |"
+
+
+def stem_title(path: Path) -> str:
+    return path.stem.replace("-", " ").replace("_", " ")
+
+
+def title_from_text(path: Path, text: str) -> str:
+    """The first line when it is short enough to be a title, else the file name."""
+    first = next((line.strip() for line in text[:2000].splitlines() if line.strip()), "")
+    return first if 0 < len(first) <= 100 else stem_title(path)

@@ -1,0 +1,98 @@
+"""PDF -> one section per page (1-based), headed by the outline entry in force on that page."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pypdf import PasswordType, PdfReader
+from pypdf.errors import DependencyError
+
+from ..errors import DocumentTooLarge, EmptyDocument, EncryptedDocument
+from .base import LoadedDocument, Section, TextBudget, title_from_text
+
+log = logging.getLogger(__name__)
+
+MAX_PAGES = 5000
+_MAX_OUTLINE_ITEMS = 10_000
+_MAX_OUTLINE_DEPTH = 8
+_JUNK_TITLES = ("", "untitled")
+
+
+def _open(path: Path, data: bytes) -> PdfReader:
+    """The reader, unlocked when the file opens without a password (owner-only protection)."""
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        if reader.is_encrypted and reader.decrypt("") == PasswordType.NOT_DECRYPTED:
+            raise EncryptedDocument(f"{path.name}: the PDF is encrypted with a password")
+    except DependencyError as exc:  # AES without the optional 'cryptography' package
+        raise EncryptedDocument(f"{path.name}: the PDF is encrypted ({exc})") from exc
+    return reader
+
+
+def _outline_starts(path: Path, reader: PdfReader) -> list[tuple[int, str]]:
+    """(first page, heading path) for each outline entry, in page order."""
+    starts: list[tuple[int, str]] = []
+
+    def walk(items: Sequence[Any], parents: list[str]) -> None:
+        title = ""
+        for item in items:
+            if len(starts) >= _MAX_OUTLINE_ITEMS:
+                return
+            if isinstance(item, list):  # the children of the entry just before
+                if title and len(parents) < _MAX_OUTLINE_DEPTH:
+                    walk(item, [*parents, title])
+                continue
+            title = " ".join(str(item.title or "").split())
+            page = reader.get_destination_page_number(item)
+            if title and page is not None and page >= 0:
+                starts.append((page + 1, " > ".join([*parents, title])))
+
+    try:
+        walk(reader.outline, [])
+    except Exception as exc:  # the outline only adds headings: a broken one costs nothing else
+        log.info("%s: outline ignored (%s)", path.name, exc)
+        return []
+    return sorted(starts, key=lambda start: start[0])
+
+
+def _heading_per_page(starts: list[tuple[int, str]], pages: int) -> list[str]:
+    headings = [""] * (pages + 1)
+    current, i = "", 0
+    for page in range(1, pages + 1):
+        while i < len(starts) and starts[i][0] <= page:
+            current = starts[i][1]
+            i += 1
+        headings[page] = current
+    return headings
+
+
+def _metadata_title(reader: PdfReader) -> str:
+    try:
+        title = " ".join((reader.metadata.title or "").split()) if reader.metadata else ""
+    except Exception:  # a damaged info dictionary only loses the title
+        return ""
+    # Word's PDF export often leaves "Microsoft Word - file.docx" as the title.
+    return "" if title.lower() in _JUNK_TITLES or title.startswith("Microsoft Word - ") else title
+
+
+def load_pdf(path: Path, data: bytes) -> LoadedDocument:
+    reader = _open(path, data)
+    count = len(reader.pages)
+    if count > MAX_PAGES:
+        raise DocumentTooLarge(f"{path.name}: {count} pages, over the {MAX_PAGES} page limit")
+    headings = _heading_per_page(_outline_starts(path, reader), count)
+    budget = TextBudget(path)
+    sections: list[Section] = []
+    for number, page in enumerate(reader.pages, start=1):
+        text = budget.take(page.extract_text().replace("\x00", "")).strip()
+        if text:
+            sections.append(Section(headings[number], number, text))
+    if not sections:
+        raise EmptyDocument(f"{path.name}: the PDF has no text layer (a scan?); "
+                            "OCR is not supported")
+    title = _metadata_title(reader) or title_from_text(path, sections[0].text)
+    return LoadedDocument(title, "pdf", sections)
