@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
 from .prompt import PromptBuilder, cite_where
 from .retrieval import ScoredHit, Searcher
+from .sessions import Turn
 from .store import AsyncStore
 
 SNIPPET_CHARS = 240
@@ -46,9 +47,13 @@ class AnswerEngine:
         self.prompts = prompts
         self.llm = llm
 
-    async def answer(self, question: str, options: AnswerOptions,
-                     cancel: threading.Event) -> AsyncIterator[dict[str, Any]]:
-        """Events of one answer; setting ``cancel`` stops generation within one token."""
+    async def answer(self, question: str, options: AnswerOptions, cancel: threading.Event,
+                     history: Sequence[Turn] = (), cache_key: str | None = None
+                     ) -> AsyncIterator[dict[str, Any]]:
+        """Events of one answer; setting ``cancel`` stops generation within one token.
+
+        ``history`` is the session's earlier turns; ``cache_key`` names whose KV state to keep.
+        """
         started = time.perf_counter()
         yield {"type": "status", "stage": "retrieving"}
         hits = await self.store.read(
@@ -57,11 +62,11 @@ class AnswerEngine:
         loop = asyncio.get_running_loop()
         # Token counting runs llama's tokenizer: keep it off the loop.
         prompt = await loop.run_in_executor(
-            None, self.prompts.build, question, [s.hit for s in hits])
+            None, self.prompts.build, question, [s.hit for s in hits], history)
         used = hits[: prompt.sources_used]
         yield {"type": "sources", "sources": [source_entry(i + 1, s) for i, s in enumerate(used)]}
         generation = GenerationRequest(prompt.text, options.max_tokens, options.temperature,
-                                       prompt.stop, cancel)
+                                       prompt.stop, cancel, cache_key)
         text: list[str] = []
         pending: list[str] = []
         first_token_at: float | None = None

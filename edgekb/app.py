@@ -7,31 +7,40 @@ model, say) frees exactly what was loaded.
 from __future__ import annotations
 
 import asyncio
+import logging
 import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from . import keys
-from .answer import AnswerEngine
+from . import keys, sessions
+from .answer import AnswerEngine, AnswerOptions
+from .conversations import Conversations
 from .config import Settings
-from .engines import load_embedder, load_llm, open_catalog, open_library, prompt_builder
+from .api import IngestService, error_middleware, setup_api
+from .engines import (
+    load_embedder, load_llm, make_ingestor, open_catalog, open_library, prompt_builder,
+)
 from .retrieval import Searcher
+from .scheduler import FairQueue
 from .store import AsyncStore
-from .ws import websocket_handler
+from .ws import broadcast, websocket_handler
 
 STATIC_DIR = Path(__file__).with_name("static")
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(client_max_size=settings.server.max_message_bytes)
+    app = web.Application(client_max_size=settings.server.max_message_bytes,
+                          middlewares=[error_middleware])
     app[keys.SETTINGS] = settings
-    app[keys.SOCKETS] = weakref.WeakSet()
-    app.cleanup_ctx.extend([_store, _embedder, _library, _llm])
+    app[keys.CONNECTIONS] = weakref.WeakSet()
+    app.cleanup_ctx.extend([_store, _embedder, _library, _ingest, _llm, _conversations])
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", _healthz)
+    setup_api(app)
     app.router.add_get("/", _index_page)
     app.router.add_static("/static/", STATIC_DIR)
     return app
@@ -62,6 +71,15 @@ async def _library(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+async def _ingest(app: web.Application) -> AsyncIterator[None]:
+    settings, embedder, library = app[keys.SETTINGS], app[keys.EMBEDDER], app[keys.LIBRARY]
+    service = IngestService(lambda store: make_ingestor(settings, store, embedder, library),
+                            settings.db_path)
+    app[keys.INGEST] = service
+    yield
+    await _in_thread(service.close)
+
+
 async def _llm(app: web.Application) -> AsyncIterator[None]:
     settings = app[keys.SETTINGS]
     catalog = await _in_thread(open_catalog, settings)
@@ -74,9 +92,31 @@ async def _llm(app: web.Application) -> AsyncIterator[None]:
     await _in_thread(llm.close)
 
 
+async def _conversations(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    store = app[keys.STORE]
+    interrupted = await store.write(sessions.interrupt_running)
+    if interrupted:
+        log.warning("%d answers were cut off by the last shutdown; they end with an error",
+                    interrupted)
+    options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
+                            temperature=settings.generation.temperature,
+                            flush_interval_s=settings.server.flush_interval_ms / 1000)
+    queue = FairQueue(settings.queue.max_waiting, settings.queue.max_per_user)
+    conversations = Conversations(store, app[keys.ANSWERS], queue, options,
+                                  grace_s=settings.sessions.grace_s)
+    app[keys.CONVERSATIONS] = conversations
+    yield
+    await conversations.close()
+
+
 async def _close_sockets(app: web.Application) -> None:
-    for ws in set(app[keys.SOCKETS]):
-        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    """Tell every client to resume later, give the notice a moment to leave, then close."""
+    await broadcast(app, {"type": "notice", "event": "shutdown",
+                          "message": "the server is going down; resume in a moment"})
+    await asyncio.sleep(0.2)
+    for conn in list(app[keys.CONNECTIONS]):
+        await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
 
 
 async def _healthz(request: web.Request) -> web.Response:

@@ -101,8 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from .datadir import exclusive
-    from .engines import load_embedder, open_catalog, open_library
-    from .ingest import Ingestor
+    from .engines import load_embedder, make_ingestor, open_catalog, open_library
     from .store import Store, check_kb_name
 
     settings = _settings(args)
@@ -117,10 +116,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         try:
             library = open_library(settings, embedder)
             library.get(args.kb).load_or_rebuild(store)
-            ingestor = Ingestor(store, embedder, library,
-                                chunk_tokens=settings.chunking.chunk_tokens,
-                                overlap_tokens=settings.chunking.overlap_tokens)
-            report = ingestor.ingest(paths, args.kb, on_file=_print_file_result)
+            report = make_ingestor(settings, store, embedder, library).ingest(
+                paths, args.kb, on_file=_print_file_result)
         finally:
             store.close()
     print(f"{report.count('added')} added, {report.count('updated')} updated, "

@@ -32,6 +32,10 @@ class ServerSettings:
     flush_interval_ms: int = 50
     max_message_bytes: int = 65536
     heartbeat_s: float = 20.0
+    pong_timeout_s: float = 10.0
+    idle_timeout_s: float = 300.0
+    send_timeout_s: float = 30.0
+    compress: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,22 @@ class ChunkingSettings:
 
 
 @dataclass(frozen=True)
+class QueueSettings:
+    max_waiting: int = 16
+    max_per_user: int = 3
+
+
+@dataclass(frozen=True)
+class SessionsSettings:
+    grace_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    max_file_mb: int = 64
+
+
+@dataclass(frozen=True)
 class EmbeddingSettings:
     threads: int = 0
     batch_size: int = 16
@@ -66,6 +86,7 @@ class GenerationSettings:
     seed: int = 0
     threads: int = 0
     n_batch: int = 128
+    state_cache_mb: int = 64
 
 
 @dataclass(frozen=True)
@@ -75,6 +96,9 @@ class Settings:
     models: ModelsSettings = field(default_factory=ModelsSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     chunking: ChunkingSettings = field(default_factory=ChunkingSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    queue: QueueSettings = field(default_factory=QueueSettings)
+    sessions: SessionsSettings = field(default_factory=SessionsSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
@@ -96,8 +120,9 @@ class Settings:
         return self.data_dir / "edgekb.db"
 
     @property
-    def index_path(self) -> Path:
-        return self.data_dir / "index.bin"
+    def docs_dir(self) -> Path:
+        """Where uploaded documents are kept, one folder per knowledge base."""
+        return self.data_dir / "docs"
 
 
 _Check = tuple[Callable[[Any], bool], str]
@@ -121,11 +146,19 @@ _CHECKS: dict[str, _Check] = {
     "server.flush_interval_ms": _between(0, 1000),
     "server.max_message_bytes": _between(256, 16 * 1024 * 1024),
     "server.heartbeat_s": ((lambda v: v > 0), "be greater than 0"),
+    "server.pong_timeout_s": ((lambda v: v > 0), "be greater than 0"),
+    "server.idle_timeout_s": _at_least(0),
+    "server.send_timeout_s": ((lambda v: v > 0), "be greater than 0"),
+    "queue.max_waiting": _between(1, 1000),
+    "queue.max_per_user": _between(1, 100),
+    "sessions.grace_s": _at_least(0),
+    "generation.state_cache_mb": _between(0, 4096),
     "models.llm": _NON_EMPTY,
     "models.embedder": _NON_EMPTY,
     "retrieval.k": _between(1, 50),
     "chunking.chunk_tokens": _between(32, 512),
     "chunking.overlap_tokens": _at_least(0),
+    "ingest.max_file_mb": _between(1, 1024),
     "embedding.threads": _at_least(0),
     "embedding.batch_size": _between(1, 256),
     "generation.max_tokens": _between(1, 4096),

@@ -15,6 +15,8 @@ from .catalog import Catalog, ModelEntry, default_manifest_path, verify
 from .config import Settings
 from .embed import Embedder
 from .index import Library
+from .ingest import Ingestor
+from .store import Store
 from .llm import LlmEngine
 from .prompt import PromptBuilder
 
@@ -39,12 +41,20 @@ def open_library(settings: Settings, embedder: Embedder) -> Library:
     return Library(embedder.dim, settings.data_dir)
 
 
+def make_ingestor(settings: Settings, store: Store, embedder: Embedder,
+                  library: Library) -> Ingestor:
+    return Ingestor(store, embedder, library, chunk_tokens=settings.chunking.chunk_tokens,
+                    overlap_tokens=settings.chunking.overlap_tokens,
+                    max_file_bytes=settings.ingest.max_file_mb * 1024 * 1024)
+
+
 def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine, ModelEntry]:
     entry = catalog.get(settings.models.llm, kind="llm")
     paths = verify(settings.models_cache, entry)
     gen = settings.generation
     engine = LlmEngine(paths["model"], n_ctx=int(entry.settings.get("n_ctx", 2048)),
-                       threads=gen.threads, n_batch=gen.n_batch, seed=gen.seed)
+                       threads=gen.threads, n_batch=gen.n_batch, seed=gen.seed,
+                       state_cache_bytes=gen.state_cache_mb * 1024 * 1024)
     return engine, entry
 
 

@@ -23,7 +23,6 @@ from .store import Store, check_kb_name
 log = logging.getLogger(__name__)
 
 DEFAULT_KB = "default"
-MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,23 +64,28 @@ def embedding_text(title: str, heading: str, text: str) -> str:
 
 class Ingestor:
     def __init__(self, store: Store, embedder: Embedder, library: Library, *,
-                 chunk_tokens: int, overlap_tokens: int) -> None:
+                 chunk_tokens: int, overlap_tokens: int, max_file_bytes: int) -> None:
         self.store = store
         self.embedder = embedder
         self.library = library
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
+        self.max_file_bytes = max_file_bytes
 
     def ingest(self, paths: Iterable[Path], kb: str = DEFAULT_KB,
-               on_file: Callable[[FileResult], None] | None = None) -> IngestReport:
-        """Add or update the given files; a folder is synchronised (its deleted files removed)."""
+               on_file: Callable[[FileResult], None] | None = None,
+               force: bool = False) -> IngestReport:
+        """Add or update the given files; a folder is synchronised (its deleted files removed).
+
+        ``force`` re-ingests unchanged files too (after a change of embedder or chunking).
+        """
         check_kb_name(kb)
         paths = [p.resolve() for p in paths]
         report = IngestReport()
         seen: set[str] = set()
         for path in expand_paths(paths):
             seen.add(str(path))
-            self._record(report, self._ingest_file(path, kb), on_file)
+            self._record(report, self._ingest_file(path, kb, force), on_file)
         for folder in (p for p in paths if p.is_dir()):
             for doc in self.store.documents(kb):
                 if doc.path.startswith(f"{folder}/") and doc.path not in seen:
@@ -103,17 +107,18 @@ class Ingestor:
         if on_file:
             on_file(result)
 
-    def _ingest_file(self, path: Path, kb: str) -> FileResult:
+    def _ingest_file(self, path: Path, kb: str, force: bool) -> FileResult:
         try:
             if not path.is_file():
                 raise IngestError(f"{path}: no such file")
             size = path.stat().st_size
-            if size > MAX_FILE_BYTES:
-                raise DocumentTooLarge(f"{path.name}: {size} bytes, over the {MAX_FILE_BYTES} limit")
+            if size > self.max_file_bytes:
+                raise DocumentTooLarge(
+                    f"{path.name}: {size} bytes, over the limit of {self.max_file_bytes}")
             data = path.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
             existing = self.store.document(kb, str(path))
-            if existing and existing.sha256 == sha:
+            if existing and existing.sha256 == sha and not force:
                 return FileResult(str(path), "unchanged", existing.chunk_count)
             document = load_document(path, data)
             chunks = chunk_sections(document.sections, self.embedder.count_tokens,

@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import weakref
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from .answer import AnswerEngine
+from .api import IngestService
+from .conversations import Conversations
 from .config import Settings
 from .embed import Embedder
 from .index import Library
 from .llm import LlmEngine
 from .store import AsyncStore
 
+if TYPE_CHECKING:
+    from .ws import Connection
+
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", AsyncStore)
 EMBEDDER = web.AppKey("embedder", Embedder)
 LIBRARY = web.AppKey("library", Library)
+INGEST = web.AppKey("ingest", IngestService)
 LLM = web.AppKey("llm", LlmEngine)
 ANSWERS = web.AppKey("answers", AnswerEngine)
-SOCKETS = web.AppKey("sockets", weakref.WeakSet[web.WebSocketResponse])
+CONVERSATIONS = web.AppKey("conversations", Conversations)
+CONNECTIONS = web.AppKey("connections", weakref.WeakSet["Connection"])

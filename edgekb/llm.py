@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ class GenerationRequest:
     temperature: float
     stop: tuple[str, ...]
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)
+    cache_key: str | None = None   # whose KV state to keep for a follow-up (a session)
 
 
 @dataclass(frozen=True)
@@ -89,9 +92,51 @@ class StopScanner:
         return out
 
 
+@dataclass(frozen=True)
+class SavedState:
+    tokens: tuple[int, ...]
+    data: bytes
+
+
+def common_prefix(a: list[int] | tuple[int, ...], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class StateCache:
+    """KV-cache snapshots of recent sessions, least recently used dropped first, bounded in
+    bytes, so interleaved users each keep the prefix of their own conversation."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._states: OrderedDict[str, SavedState] = OrderedDict()
+
+    @property
+    def size(self) -> int:
+        return sum(len(s.data) for s in self._states.values())
+
+    def get(self, key: str) -> SavedState | None:
+        state = self._states.get(key)
+        if state is not None:
+            self._states.move_to_end(key)
+        return state
+
+    def put(self, key: str, state: SavedState) -> None:
+        self._states.pop(key, None)
+        if len(state.data) > self.max_bytes:
+            return
+        self._states[key] = state
+        while self.size > self.max_bytes:
+            self._states.popitem(last=False)
+
+
 class LlmEngine:
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, n_batch: int,
-                 seed: int) -> None:
+                 seed: int, state_cache_bytes: int = 0) -> None:
         self.n_ctx = n_ctx
         self.n_batch = n_batch
         try:
@@ -101,6 +146,7 @@ class LlmEngine:
         except ValueError as exc:
             raise ModelError(f"cannot load the LLM {model_path}: {exc}") from exc
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="llm")
+        self.states = StateCache(state_cache_bytes)
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
@@ -181,8 +227,29 @@ class LlmEngine:
             if tail:
                 emit(Piece(tail))
         end = time.perf_counter()
+        if request.cache_key and self.states.max_bytes:
+            self.states.put(request.cache_key, self._save_state())
         return Finished(finish, len(tokens), cached, generated,
                         (prompt_done - started) * 1000, (end - prompt_done) * 1000)
+
+    def _save_state(self) -> SavedState:
+        # Llama.save_state also copies the logits of every batch row (n_batch x n_vocab floats:
+        # 134 MB for Gemma's 262k vocabulary); the KV cache is all a prefix needs.
+        ctx = self.llama._ctx.ctx
+        size = llama_cpp.llama_state_get_size(ctx)
+        buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_get_data(ctx, buffer, size)
+        n = self.llama.n_tokens
+        return SavedState(tuple(self.llama.input_ids[:n].tolist()), bytes(buffer[:written]))
+
+    def _load_state(self, state: SavedState) -> None:
+        data = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
+        if llama_cpp.llama_state_set_data(self.llama._ctx.ctx, data, len(state.data)) != len(
+                state.data):
+            raise ModelError("could not restore a saved KV state")
+        n = len(state.tokens)
+        self.llama.input_ids[:n] = state.tokens
+        self.llama.n_tokens = n
 
     def _read_prompt(self, tokens: list[int], request: GenerationRequest,
                      emit: Callable[[object], None]) -> int:
@@ -192,11 +259,11 @@ class LlmEngine:
         Returns how many tokens were already cached.
         """
         llama = self.llama
-        cached = 0
-        for a, b in zip(llama._input_ids.tolist(), tokens[:-1]):
-            if a != b:
-                break
-            cached += 1
+        cached = common_prefix(llama._input_ids.tolist(), tokens[:-1])
+        saved = self.states.get(request.cache_key) if request.cache_key else None
+        if saved is not None and common_prefix(saved.tokens, tokens[:-1]) > cached:
+            self._load_state(saved)  # another session ran in between: bring ours back
+            cached = common_prefix(saved.tokens, tokens[:-1])
         llama.n_tokens = cached
         target = len(tokens) - 1
         emit(Reading(cached, target))

@@ -53,6 +53,45 @@ MIGRATIONS: list[str] = [
     END;
     CREATE INDEX documents_kb ON documents(kb);
     """,
+    # 3: conversations. A request's events are its replay log: resume reads them from here, so
+    # RAM holds only live requests. Turns are what later prompts and `history` show.
+    """
+    CREATE TABLE sessions (
+        id TEXT PRIMARY KEY,
+        user TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE requests (
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        id TEXT NOT NULL,
+        question TEXT NOT NULL,
+        state TEXT NOT NULL,              -- running | done | cancelled | failed | interrupted
+        last_seq INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (session_id, id)
+    );
+    CREATE TABLE events (
+        session_id TEXT NOT NULL,
+        request_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (session_id, request_id, seq),
+        FOREIGN KEY (session_id, request_id) REFERENCES requests(session_id, id)
+            ON DELETE CASCADE
+    ) WITHOUT ROWID;
+    CREATE TABLE turns (
+        id INTEGER PRIMARY KEY,
+        session_id TEXT NOT NULL REFERENCES sessions(id) ON DELETE CASCADE,
+        request_id TEXT NOT NULL,
+        question TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        sources TEXT NOT NULL,            -- JSON list as sent in the sources event
+        finish TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX turns_session ON turns(session_id, id);
+    """,
 ]
 
 

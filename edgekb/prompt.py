@@ -1,10 +1,13 @@
-"""Retrieved chunks + question -> a prompt that fits the model's context window.
+"""Retrieved chunks + question + earlier turns -> a prompt that fits the context window.
 
 Two formats, chosen per model in models.toml: ``completion`` for base models such as the default
 Gemma 270M (a probe showed a completion-style prompt ending in "Answer:" keeps them grounded) and
 ``chat`` for instruct models, rendered with the chat template from the GGUF metadata.
-Everything is counted in the model's own tokens; sources are dropped from the lowest-ranked up
-(and the last one kept is cut) until the prompt fits.
+
+Order: instruction, earlier turns, sources, question. What stays between follow-ups comes first,
+so the LLM's KV cache can reuse it. Everything is counted in the model's own tokens and fitted by
+priority: the question always, then sources (dropped from the lowest-ranked up, the last one
+kept cut), then as many of the newest turns as still fit.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .sessions import Turn
 from .store import ChunkHit
 
 INSTRUCTION = (
@@ -19,12 +23,16 @@ INSTRUCTION = (
     "steps in order, and cite the sources you use as [1], [2]. If the sources do not contain the "
     "answer, say that the manuals do not cover it."
 )
+CHARS_PER_TOKEN = 4  # only to pick a first cut; the result is always re-counted
+
+ChatTemplate = Callable[[list[dict[str, str]]], str]
 
 
 @dataclass(frozen=True)
 class Prompt:
     text: str
     sources_used: int
+    turns_used: int
     stop: tuple[str, ...]
 
 
@@ -36,42 +44,56 @@ def cite_where(hit: ChunkHit) -> str:
     return ", ".join(parts)
 
 
-def _source_block(number: int, hit: ChunkHit, text: str) -> str:
+def _source_block(number: int, hit: ChunkHit) -> str:
     where = cite_where(hit)
-    head = f"[{number}] {hit.title}" + (f" ({where})" if where else "")
-    return f"{head}\n{text}"
+    return f"[{number}] {hit.title}" + (f" ({where})" if where else "") + f"\n{hit.text}"
 
 
 class PromptBuilder:
     def __init__(self, fmt: str, count_tokens: Callable[[str], int], budget_tokens: int,
-                 stop: Sequence[str], chat_template: Callable[[list[dict[str, str]]], str] | None
-                 = None) -> None:
+                 stop: Sequence[str], chat_template: ChatTemplate | None = None) -> None:
         self.fmt = fmt
         self.count_tokens = count_tokens
         self.budget = budget_tokens
         self.stop = tuple(stop)
         self.chat_template = chat_template
 
-    def build(self, question: str, hits: Sequence[ChunkHit]) -> Prompt:
-        blocks = [_source_block(i + 1, h, h.text) for i, h in enumerate(hits)]
-        while True:
-            text = self._render(question, blocks)
-            if not blocks or self.count_tokens(text) <= self.budget:
-                return Prompt(text, len(blocks), self.stop)
-            overflow = self.count_tokens(text) - self.budget
+    def build(self, question: str, hits: Sequence[ChunkHit],
+              history: Sequence[Turn] = ()) -> Prompt:
+        blocks = self._fit_sources(question, [_source_block(i + 1, h) for i, h in enumerate(hits)])
+        turns: list[Turn] = []
+        for turn in reversed(history):  # newest first, while they fit
+            if self.count_tokens(self._render(question, blocks, [turn, *turns])) > self.budget:
+                break
+            turns.insert(0, turn)
+        return Prompt(self._render(question, blocks, turns), len(blocks), len(turns), self.stop)
+
+    def _fit_sources(self, question: str, blocks: list[str]) -> list[str]:
+        while blocks:
+            overflow = self.count_tokens(self._render(question, blocks, [])) - self.budget
+            if overflow <= 0:
+                break
             last = blocks[-1]
             if len(blocks) > 1 and self.count_tokens(last) <= overflow + 20:
-                blocks.pop()
-            else:  # cut the last source; roughly 3 characters per token
-                keep = max(0, len(last) - (overflow + 10) * 4)
-                blocks[-1] = last[:keep] if keep > 80 else ""
-                blocks = [b for b in blocks if b]
+                blocks = blocks[:-1]
+                continue
+            keep = len(last) - (overflow + 10) * CHARS_PER_TOKEN
+            blocks = blocks[:-1] + ([last[:keep]] if keep > 80 else [])
+        return blocks
 
-    def _render(self, question: str, blocks: list[str]) -> str:
+    def _render(self, question: str, blocks: list[str], turns: Sequence[Turn]) -> str:
         sources = "\n\n".join(blocks) if blocks else "(no sources found)"
         if self.fmt == "chat" and self.chat_template is not None:
-            return self.chat_template([
-                {"role": "system", "content": INSTRUCTION},
-                {"role": "user", "content": f"Sources:\n{sources}\n\nQuestion: {question}"},
-            ])
-        return f"{INSTRUCTION}\n\nSources:\n{sources}\n\nQuestion: {question}\nAnswer:"
+            messages = [{"role": "system", "content": INSTRUCTION}]
+            for turn in turns:
+                messages += [{"role": "user", "content": turn.question},
+                             {"role": "assistant", "content": turn.answer}]
+            messages.append({"role": "user",
+                             "content": f"Sources:\n{sources}\n\nQuestion: {question}"})
+            return self.chat_template(messages)
+        earlier = "".join(f"Question: {t.question}\nAnswer: {t.answer.strip()}\n\n"
+                          for t in turns)
+        if earlier:
+            earlier = f"Earlier in this conversation:\n{earlier}"
+        return (f"{INSTRUCTION}\n\n{earlier}Sources:\n{sources}\n\n"
+                f"Question: {question}\nAnswer:")

@@ -25,6 +25,7 @@ UNKNOWN_REQUEST = "unknown_request"
 ID_REUSE = "id_reuse"
 
 _ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_SESSION = re.compile(r"^[A-Za-z0-9_\-]{8,64}$")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,36 @@ class Ping:
     pass
 
 
-ClientMessage = Union[Ask, Cancel, Ping]
+@dataclass(frozen=True)
+class Resume:
+    id: str
+    after: int
+
+
+@dataclass(frozen=True)
+class Hello:
+    session: str | None
+    client: str | None
+    resume: tuple[Resume, ...]
+
+
+@dataclass(frozen=True)
+class History:
+    before: int | None
+    limit: int
+
+
+ClientMessage = Union[Ask, Cancel, Ping, Resume, Hello, History]
+MAX_RESUMES = 32
+MAX_HISTORY = 50
+
+# Close codes a browser can see (RFC 6455 leaves 4000-4999 to applications).
+CLOSE_UNAUTHORIZED = 4001
+CLOSE_FORBIDDEN_ORIGIN = 4003
+CLOSE_TAKEN_OVER = 4004
+CLOSE_IDLE = 4008
+CLOSE_TOO_SLOW = 4010
+CLOSE_RATE_LIMITED = 4029
 
 
 def parse_client_message(raw: str | bytes, max_bytes: int) -> ClientMessage:
@@ -69,8 +99,50 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> ClientMessage:
         return Cancel(_request_id(message))
     if kind == "ping":
         return Ping()
+    if kind == "resume":
+        return _resume(message)
+    if kind == "hello":
+        return _hello(message)
+    if kind == "history":
+        before = message.get("before")
+        if before is not None and not _is_int(before, 1):
+            raise _invalid(message, "before", "a turn number")
+        limit = message.get("limit", 20)
+        if not _is_int(limit, 1, MAX_HISTORY):
+            raise _invalid(message, "limit", f"an integer from 1 to {MAX_HISTORY}")
+        return History(before, limit)
     raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind!r}",
                         **_echo_id(message))
+
+
+def _is_int(value: Any, low: int, high: int = 1 << 53) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _resume(message: dict[str, Any]) -> Resume:
+    after = message.get("after", 0)
+    if not _is_int(after, 0):
+        raise _invalid(message, "after", "the last seq received (an integer >= 0)")
+    return Resume(_request_id(message), after)
+
+
+def _hello(message: dict[str, Any]) -> Hello:
+    session = message.get("session")
+    if session is not None and not (isinstance(session, str) and _SESSION.match(session)):
+        raise _invalid(message, "session", "8-64 characters of A-Z a-z 0-9 _ -")
+    client = message.get("client")
+    if client is not None and not (isinstance(client, str) and _ID.match(client)):
+        raise _invalid(message, "client", "1-64 characters of A-Z a-z 0-9 _ . : -")
+    resumes = message.get("resume", [])
+    if not isinstance(resumes, list) or len(resumes) > MAX_RESUMES:
+        raise _invalid(message, "resume", f"a list of at most {MAX_RESUMES} {{id, after}}")
+    items = tuple(_resume(r) if isinstance(r, dict) else _invalid_raise("resume")
+                  for r in resumes)
+    return Hello(session, client, items)
+
+
+def _invalid_raise(field: str) -> Resume:
+    raise ProtocolError(INVALID_FIELD, f"{field}: expected objects {{id, after}}", field=field)
 
 
 def _request_id(message: dict[str, Any]) -> str:
@@ -90,6 +162,10 @@ def _echo_id(message: dict[str, Any]) -> dict[str, str]:
     """Echo a well-formed id so the client can match the error to its request."""
     value = message.get("id")
     return {"id": value} if isinstance(value, str) and _ID.match(value) else {}
+
+
+def valid_session_id(value: str) -> bool:
+    return bool(_SESSION.match(value))
 
 
 def event(kind: str, **fields: Any) -> dict[str, Any]:

@@ -97,6 +97,12 @@ class Store:
         ).fetchone()
         return DocumentRow(*row) if row else None
 
+    def document_by_id(self, doc_id: int) -> DocumentRow | None:
+        row = self.conn.execute(
+            "SELECT id, kb, path, title, sha256, chunk_count FROM documents WHERE id=?",
+            (doc_id,)).fetchone()
+        return DocumentRow(*row) if row else None
+
     def documents(self, kb: str | None = None) -> list[DocumentRow]:
         sql = "SELECT id, kb, path, title, sha256, chunk_count FROM documents"
         rows = self.conn.execute(sql + " WHERE kb=? ORDER BY path", (kb,)) if kb else \
@@ -112,7 +118,7 @@ class Store:
         Returns (ids of the removed chunks, ids of the new chunks) for the index to follow.
         """
         assert len(chunks) == len(vectors)
-        with self._transaction():
+        with self.transaction():
             old = self.document(kb, path)
             removed = self._chunk_ids(old.id) if old else []
             if old:
@@ -135,7 +141,7 @@ class Store:
 
     def delete_document(self, kb: str, path: str) -> list[int]:
         """Remove a document; returns the ids of its chunks."""
-        with self._transaction():
+        with self.transaction():
             old = self.document(kb, path)
             if old is None:
                 return []
@@ -214,7 +220,7 @@ class Store:
     def _chunk_ids(self, doc_id: int) -> list[int]:
         return [r[0] for r in self.conn.execute("SELECT id FROM chunks WHERE doc_id=?", (doc_id,))]
 
-    def _transaction(self) -> "_Transaction":
+    def transaction(self) -> "_Transaction":
         return _Transaction(self.conn)
 
 

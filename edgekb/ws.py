@@ -1,8 +1,10 @@
-"""The WebSocket transport: moves protocol events, computes nothing.
+"""The WebSocket transport of protocol edgekb.v1: moves events, computes nothing.
 
-One task reads the socket; each request runs in its own task and hands its events to a single
-writer task through a bounded queue, so a slow reader makes its own requests wait (back-pressure)
-and never blocks the LLM worker, which feeds each request through its own queue.
+One task reads the socket. Requests run on their own (conversations.py); a connection follows
+each request it asked or resumed with one task that reads the request's log from a cursor and
+hands frames to this connection's single writer through a small bounded queue. A slow reader
+therefore slows only its own followers, and a send that stays blocked for send_timeout_s drops
+the connection (close 4010): the client resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -10,114 +12,210 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from . import __version__, keys
-from .answer import AnswerEngine, AnswerOptions
+from . import __version__, keys, sessions
+from .conversations import Conversations
 from .errors import EdgekbError, ProtocolError
+from .heartbeat import Heartbeat
 from .protocol import (
-    ID_REUSE, PROTOCOL, UNKNOWN_REQUEST, Ask, Cancel, Ping, encode, error_event,
-    event, parse_client_message,
+    CLOSE_IDLE, CLOSE_TAKEN_OVER, CLOSE_TOO_SLOW, PROTOCOL, UNKNOWN_REQUEST, Ask, Cancel, Hello,
+    History, Ping, Resume, encode, error_event, event, parse_client_message, valid_session_id,
 )
 
 log = logging.getLogger(__name__)
 
-OUTBOX_FRAMES = 256
+OUTBOX_FRAMES = 64
 # aiohttp's own cap, far above ours: frames between the two get a typed too_large error and the
 # connection lives on; only absurd frames make aiohttp close the socket.
 HARD_FRAME_CAP = 4 * 1024 * 1024
 
 
 class Connection:
-    def __init__(self, ws: web.WebSocketResponse, answers: AnswerEngine,
-                 options: AnswerOptions, max_message_bytes: int) -> None:
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse,
+                 session_id: str) -> None:
+        self.app = request.app
+        self.settings = request.app[keys.SETTINGS]
+        self.conversations: Conversations = request.app[keys.CONVERSATIONS]
         self.ws = ws
-        self.answers = answers
-        self.options = options
-        self.max_message_bytes = max_message_bytes
-        self.outbox: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(OUTBOX_FRAMES)
-        self.requests: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
+        self.session_id = session_id
+        self.client_id: str | None = None
+        self.user = request.remote or "local"  # until authentication names users
+        self.outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_FRAMES)
+        self.followers: dict[str, asyncio.Task[None]] = {}
+        self.last_message = asyncio.get_running_loop().time()
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self.outbox.put(message)
+        await self.outbox.put(encode(message))
 
     async def write_loop(self) -> None:
-        while (message := await self.outbox.get()) is not None:
-            if self.ws.closed:
+        timeout = self.settings.server.send_timeout_s
+        while True:
+            frame = await self.outbox.get()
+            try:
+                await asyncio.wait_for(self.ws.send_str(frame), timeout)
+            except asyncio.TimeoutError:
+                await self.ws.close(code=CLOSE_TOO_SLOW, message=b"too slow; resume later")
                 return
-            await self.ws.send_str(encode(message))
+            except ConnectionError:
+                return
+
+    async def welcome(self, resumed: bool) -> None:
+        server = self.settings.server
+        await self.send(event(
+            "welcome", protocol=PROTOCOL, server=f"edgekb {__version__}",
+            session=self.session_id, resumed=resumed,
+            limits={"max_message_bytes": server.max_message_bytes,
+                    "idle_timeout_s": server.idle_timeout_s},
+            heartbeat={"interval_s": server.heartbeat_s, "timeout_s": server.pong_timeout_s}))
 
     async def handle(self, raw: str | bytes) -> None:
+        self.last_message = asyncio.get_running_loop().time()
         try:
-            message = parse_client_message(raw, self.max_message_bytes)
-        except ProtocolError as exc:
+            message = parse_client_message(raw, self.settings.server.max_message_bytes)
+            await self._dispatch(message)
+        except EdgekbError as exc:
             await self.send(error_event(exc))
-            return
+
+    async def _dispatch(self, message: object) -> None:
         if isinstance(message, Ping):
             await self.send(event("pong"))
         elif isinstance(message, Ask):
-            await self._ask(message)
+            await self.app[keys.STORE].write(
+                lambda db: sessions.open_session(db, self.session_id, self.user))
+            await self.conversations.ask(self.session_id, self.user, message.id, message.text)
+            self._follow(message.id, 0)
         elif isinstance(message, Cancel):
-            running = self.requests.get(message.id)
-            if running is None:
-                await self.send(error_event(ProtocolError(
-                    UNKNOWN_REQUEST, f"no running request {message.id!r}"), id=message.id))
-            else:
-                running[1].set()
+            if not self.conversations.cancel(self.session_id, message.id):
+                raise ProtocolError(UNKNOWN_REQUEST, f"no running request {message.id!r}",
+                                    id=message.id)
+        elif isinstance(message, Resume):
+            await self._resume(message)
+        elif isinstance(message, Hello):
+            await self._hello(message)
+        elif isinstance(message, History):
+            turns = await self.app[keys.STORE].read(lambda db: sessions.turns(
+                db, self.session_id, message.before, message.limit + 1))
+            more = len(turns) > message.limit
+            turns = turns[-message.limit:]
+            await self.send(event("history", session=self.session_id,
+                                  turns=[t.to_wire() for t in turns], more=more))
 
-    async def _ask(self, ask: Ask) -> None:
-        if ask.id in self.requests:
-            await self.send(error_event(ProtocolError(
-                ID_REUSE, f"request id {ask.id!r} is already running"), id=ask.id))
-            return
-        cancel = threading.Event()
-        task = asyncio.create_task(self._run(ask, cancel))
-        self.requests[ask.id] = (task, cancel)
-        task.add_done_callback(lambda _: self.requests.pop(ask.id, None))
-
-    async def _run(self, ask: Ask, cancel: threading.Event) -> None:
-        seq = 0
-        try:
-            async for item in self.answers.answer(ask.text, self.options, cancel):
-                seq += 1
-                await self.send({**item, "id": ask.id, "seq": seq})
-        except EdgekbError as exc:
-            await self.send(error_event(exc, id=ask.id, seq=seq + 1))
-        except Exception:
-            log.exception("request %s failed", ask.id)
-            await self.send(error_event(EdgekbError("internal error"), id=ask.id, seq=seq + 1))
-
-    async def close(self) -> None:
-        for task, cancel in list(self.requests.values()):
-            cancel.set()
+    async def _hello(self, hello: Hello) -> None:
+        for task in self.followers.values():
             task.cancel()
-        await asyncio.gather(*(t for t, _ in self.requests.values()), return_exceptions=True)
+        self.followers.clear()
+        self.session_id = hello.session or sessions.new_session_id()
+        existed = await self.app[keys.STORE].read(
+            lambda db: sessions.session_exists(db, self.session_id))
+        self.client_id = hello.client
+        if hello.client:
+            await _take_over(self.app, self)
+        await self.welcome(existed)
+        for resume in hello.resume:
+            await self._resume(resume)
+
+    async def _resume(self, resume: Resume) -> None:
+        if resume.id in self.followers:
+            self.followers.pop(resume.id).cancel()
+        # Checked before following, so an unknown id is a typed error, not a silent nothing.
+        known = (self.session_id, resume.id) in self.conversations.live or \
+            await self.app[keys.STORE].read(
+                lambda db: sessions.request_state(db, self.session_id, resume.id)) is not None
+        if not known:
+            raise ProtocolError(UNKNOWN_REQUEST, f"no request {resume.id!r} in this session",
+                                id=resume.id)
+        self._follow(resume.id, resume.after)
+
+    def _follow(self, request_id: str, after: int) -> None:
+        task = asyncio.create_task(self._follow_task(request_id, after))
+        self.followers[request_id] = task
+        task.add_done_callback(lambda t: self.followers.pop(request_id, None)
+                               if self.followers.get(request_id) is t else None)
+
+    async def _follow_task(self, request_id: str, after: int) -> None:
+        try:
+            await self.conversations.follow(self.session_id, request_id, after, self.send)
+        except EdgekbError as exc:
+            await self.send(error_event(exc))
+
+    def idle(self) -> bool:
+        limit = self.settings.server.idle_timeout_s
+        quiet = asyncio.get_running_loop().time() - self.last_message
+        return limit > 0 and quiet > limit and not self.followers
+
+    async def close_followers(self) -> None:
+        tasks = list(self.followers.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _take_over(app: web.Application, newcomer: Connection) -> None:
+    """A client reconnecting with the same client id replaces its older connection at once:
+    on flaky Wi-Fi the old one is usually dead but not yet detected."""
+    for other in list(app[keys.CONNECTIONS]):
+        if other is not newcomer and other.client_id == newcomer.client_id \
+                and other.session_id == newcomer.session_id:
+            await other.ws.close(code=CLOSE_TAKEN_OVER, message=b"taken over by a newer connection")
+
+
+async def _watch(conn: Connection, heartbeat: Heartbeat) -> None:
+    """Close the connection when the peer is dead or idle too long."""
+    dead = asyncio.create_task(heartbeat.run())
+    try:
+        while not dead.done():
+            await asyncio.wait([dead], timeout=1.0)
+            if conn.idle():
+                await conn.ws.close(code=CLOSE_IDLE, message=b"idle timeout")
+                return
+        log.info("peer of session %s is gone: closing", conn.session_id)
+        await conn.ws.close(code=1001, message=b"no heartbeat")
+    finally:
+        dead.cancel()
+
+
+async def broadcast(app: web.Application, message: dict[str, Any]) -> None:
+    """A notice to every connection; one whose outbox is full skips it rather than blocking."""
+    frame = encode(message)
+    for conn in list(app[keys.CONNECTIONS]):
+        with contextlib.suppress(asyncio.QueueFull):
+            conn.outbox.put_nowait(frame)
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     settings = app[keys.SETTINGS]
-    ws = web.WebSocketResponse(protocols=(PROTOCOL,), heartbeat=settings.server.heartbeat_s,
-                               max_msg_size=max(HARD_FRAME_CAP, settings.server.max_message_bytes))
+    requested = request.query.get("session")
+    ws = web.WebSocketResponse(
+        protocols=(PROTOCOL,), autoping=False, compress=settings.server.compress,
+        max_msg_size=max(HARD_FRAME_CAP, settings.server.max_message_bytes))
     await ws.prepare(request)
-    app[keys.SOCKETS].add(ws)
-    options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
-                            temperature=settings.generation.temperature,
-                            flush_interval_s=settings.server.flush_interval_ms / 1000)
-    conn = Connection(ws, app[keys.ANSWERS], options, settings.server.max_message_bytes)
+    session_id = requested if requested and valid_session_id(requested) \
+        else sessions.new_session_id()
+    # A session row is written with its first question, not per connection.
+    existed = await app[keys.STORE].read(lambda db: sessions.session_exists(db, session_id))
+    conn = Connection(request, ws, session_id)
+    app[keys.CONNECTIONS].add(conn)
     writer = asyncio.create_task(conn.write_loop())
-    await conn.send(event("welcome", protocol=PROTOCOL, server=f"edgekb {__version__}",
-                          limits={"max_message_bytes": settings.server.max_message_bytes}))
+    heartbeat = Heartbeat(settings.server.heartbeat_s, settings.server.pong_timeout_s,
+                          ws.ping, request.transport.get_extra_info("socket")
+                          if request.transport else None)
+    watcher = asyncio.create_task(_watch(conn, heartbeat))
+    await conn.welcome(existed)
     try:
         async for msg in ws:
+            heartbeat.saw_inbound()
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
                 await conn.handle(msg.data)
+            elif msg.type == WSMsgType.PING:
+                await ws.pong(msg.data)
     finally:
-        await conn.close()
-        writer.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await writer
+        await conn.close_followers()
+        for task in (watcher, writer):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     return ws

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import itertools
 import json
 import os
@@ -136,8 +137,11 @@ async def _devtools_port(port_file: Path, process: subprocess.Popen[bytes], time
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
-    try:
+    # SIGTERM first so the browser reaps its own helpers; then kill whatever of its group is left.
+    with contextlib.suppress(ProcessLookupError):
+        process.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(timeout=5)
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     process.wait(timeout=10)

@@ -36,7 +36,8 @@ NEWEST = """(() => {
 async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
     if not CHROMIUM.exists():
         if os.geteuid() == 0:
-            pytest.fail(f"{CHROMIUM} is missing; scripts/test installs it (apt-get install chromium)")
+            pytest.fail(f"{CHROMIUM} is missing; scripts/test installs it (apt-get install "
+                        "chromium)")
         pytest.skip(f"{CHROMIUM} is missing and installing it needs root")
     b = await Browser.launch(tmp_path / "chromium")
     try:
@@ -102,11 +103,10 @@ async def test_demo_question_shows_sources_then_answer(browser: Browser, server:
 
 
 async def test_q_parameter_asks_once_on_load(browser: Browser, server: Server) -> None:
-    question = "How do I verify zero energy before opening a machine?"
-    await open_page(browser, f"{server.url}?q={quote(question)}")
+    await open_page(browser, f"{server.url}?q={quote(DEMO_QUESTION)}")
     card = await card_when(browser, 1, FINAL)
     assert card["stage"] == "done", card
-    assert card["question"] == question
+    assert card["question"] == DEMO_QUESTION
     assert card["sources"] and card["answer"].strip(), card
     assert (await browser.evaluate(NEWEST))["count"] == 1
 
@@ -126,7 +126,7 @@ async def test_stop_cancels_the_answer_and_the_page_still_answers(browser: Brows
 
     await ask(browser, "What does the AC-75 compressor do when it overheats?")
     card = await card_when(browser, 2, FINAL)
-    assert card["stage"] == "done", card
+    assert card["stage"] in ("done", "length"), card
     assert card["answer"].strip(), card
     # The stopped card stays stopped.
     older = await browser.evaluate(

@@ -1,4 +1,4 @@
-"""What every loader returns, and the helpers they share: a text budget and a heading outline."""
+"""What every loader returns, and what loaders share: a text budget and a heading outline."""
 
 from __future__ import annotations
 
@@ -47,10 +47,12 @@ class TextBudget:
 
 
 class Outline:
-    """Lines grouped under the heading path in force; a heading closes the section before it."""
+    """Lines grouped under the heading path in force; a heading closes the section before it.
 
-    def __init__(self, budget: TextBudget) -> None:
-        self.budget = budget
+    An empty line ends a paragraph (chunking splits paragraphs first); runs of them collapse.
+    """
+
+    def __init__(self) -> None:
         self.sections: list[Section] = []
         self._stack: list[tuple[int, str]] = []
         self._lines: list[str] = []
@@ -59,7 +61,7 @@ class Outline:
         self.flush()
         while self._stack and self._stack[-1][0] >= level:
             self._stack.pop()
-        self._stack.append((level, self.budget.take(text)))
+        self._stack.append((level, text))
 
     def reset(self) -> None:
         """A heading that is the document title: it ends the path but is not part of it."""
@@ -67,7 +69,8 @@ class Outline:
         self._stack.clear()
 
     def add(self, line: str) -> None:
-        self._lines.append(self.budget.take(line))
+        if line.strip() or (self._lines and self._lines[-1]):
+            self._lines.append(line)
 
     def flush(self) -> None:
         body = "\n".join(self._lines).strip()

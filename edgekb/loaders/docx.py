@@ -102,7 +102,8 @@ def _rows(table: Table) -> Iterator[str]:
 def load_docx(path: Path, data: bytes) -> LoadedDocument:
     check_package(path, data)
     document = docx.Document(io.BytesIO(data))
-    outline = Outline(TextBudget(path))
+    budget = TextBudget(path)
+    outline = Outline()
     title = " ".join((document.core_properties.title or "").split())
     first_heading = ""
     levels: dict[str | None, int | None] = {}  # style id -> level; style lookups are linear
@@ -110,7 +111,7 @@ def load_docx(path: Path, data: bytes) -> LoadedDocument:
         if isinstance(block, Table):
             outline.add("")  # a table is a paragraph of its own
             for row in _rows(block):
-                outline.add(row)
+                outline.add(budget.take(row))
             outline.add("")
             continue
         text = block.text.strip()
@@ -121,14 +122,14 @@ def load_docx(path: Path, data: bytes) -> LoadedDocument:
             levels[style_id] = _style_level(block.style)
         level = levels[style_id]
         if level is None:
-            outline.add(text)
+            outline.add(budget.take(text))
             outline.add("")  # keeps a label line from running into the next sentence
         elif level == _TITLE:
             title = title or " ".join(text.split())
         else:
             if level == 1 and not first_heading:
                 first_heading = " ".join(text.split())
-            outline.heading(level, " ".join(text.split()))
+            outline.heading(level, budget.take(" ".join(text.split())))
     outline.flush()
     return LoadedDocument(title or first_heading or stem_title(path), "docx", outline.sections)
 

@@ -53,7 +53,7 @@ def _outline_starts(path: Path, reader: PdfReader) -> list[tuple[int, str]]:
 
     try:
         walk(reader.outline, [])
-    except Exception as exc:  # the outline only adds headings: a broken one costs nothing else
+    except Exception as exc:  # noqa: BLE001 - the outline only adds headings; the text stands
         log.info("%s: outline ignored (%s)", path.name, exc)
         return []
     return sorted(starts, key=lambda start: start[0])
@@ -73,7 +73,7 @@ def _heading_per_page(starts: list[tuple[int, str]], pages: int) -> list[str]:
 def _metadata_title(reader: PdfReader) -> str:
     try:
         title = " ".join((reader.metadata.title or "").split()) if reader.metadata else ""
-    except Exception:  # a damaged info dictionary only loses the title
+    except Exception:  # noqa: BLE001 - a damaged info dictionary only loses the title
         return ""
     # Word's PDF export often leaves "Microsoft Word - file.docx" as the title.
     return "" if title.lower() in _JUNK_TITLES or title.startswith("Microsoft Word - ") else title

@@ -112,8 +112,8 @@ _FENCE = re.compile(r"^\s*(```|~~~)")
 
 def load_markdown(path: Path, data: bytes) -> LoadedDocument:
     """Split at ATX headings, keeping the heading path; fenced code is never a heading."""
-    text = decode_text(path, data)
-    outline = Outline(TextBudget(path))
+    text = TextBudget(path).take(decode_text(path, data))
+    outline = Outline()
     title = ""
     in_fence = False
     for line in text.splitlines():
