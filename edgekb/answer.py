@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
+from .llm_remote import RemoteLlm
 from .prompt import PromptBuilder, cite_where
 from .retrieval import ScoredHit, Searcher
 from .sessions import Turn
@@ -41,7 +42,7 @@ def source_entry(number: int, scored: ScoredHit) -> dict[str, Any]:
 
 class AnswerEngine:
     def __init__(self, store: AsyncStore, searcher: Searcher, prompts: PromptBuilder,
-                 llm: LlmEngine) -> None:
+                 llm: LlmEngine | RemoteLlm) -> None:
         self.store = store
         self.searcher = searcher
         self.prompts = prompts

@@ -22,6 +22,7 @@ from .api import IngestService, error_middleware, setup_api
 from .engines import (
     load_embedder, load_llm, make_ingestor, open_catalog, open_library, prompt_builder,
 )
+from .llm_remote import RemoteLlm
 from .retrieval import Searcher
 from .scheduler import FairQueue
 from .store import AsyncStore
@@ -89,7 +90,10 @@ async def _llm(app: web.Application) -> AsyncIterator[None]:
     searcher = Searcher(app[keys.EMBEDDER], app[keys.LIBRARY])
     app[keys.ANSWERS] = AnswerEngine(app[keys.STORE], searcher, builder, llm)
     yield
-    await _in_thread(llm.close)
+    if isinstance(llm, RemoteLlm):
+        await llm.aclose()
+    else:
+        await _in_thread(llm.close)
 
 
 async def _conversations(app: web.Application) -> AsyncIterator[None]:

@@ -250,7 +250,15 @@ def _parse_entry(name: str, table: object, problems: list[str]) -> ModelEntry | 
         problems.append(f"{where}.description: must be a string")
     raw_files = table.get("files")
     files: list[ModelFile] = []
-    if not isinstance(raw_files, list) or not raw_files:
+    if kind == "llm" and "endpoint" in table:
+        # An LLM served elsewhere (llama.cpp server, vLLM, Ollama): nothing to fetch here.
+        if raw_files is not None:
+            problems.append(f"{where}: an entry with an endpoint has no files")
+        if not isinstance(table["endpoint"], str) or not table["endpoint"].startswith(
+                ("http://", "https://")):
+            problems.append(f"{where}.endpoint: must be an http(s) URL of an OpenAI-compatible"
+                            " API, e.g. http://127.0.0.1:8000/v1")
+    elif not isinstance(raw_files, list) or not raw_files:
         problems.append(f"{where}.files: at least one [[{where}.files]] table is needed")
     else:
         for i, raw in enumerate(raw_files):

@@ -18,6 +18,7 @@ from .index import Library
 from .ingest import Ingestor
 from .store import Store
 from .llm import LlmEngine
+from .llm_remote import RemoteLlm
 from .prompt import PromptBuilder
 
 # Room kept free in the context after the prompt and the answer, for the chat template's own
@@ -48,21 +49,27 @@ def make_ingestor(settings: Settings, store: Store, embedder: Embedder,
                     max_file_bytes=settings.ingest.max_file_mb * 1024 * 1024)
 
 
-def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine, ModelEntry]:
+def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine | RemoteLlm, ModelEntry]:
     entry = catalog.get(settings.models.llm, kind="llm")
-    paths = verify(settings.models_cache, entry)
     gen = settings.generation
+    if "endpoint" in entry.settings:
+        return RemoteLlm(str(entry.settings["endpoint"]), str(entry.settings.get("model", "")),
+                         n_ctx=int(entry.settings.get("n_ctx", 4096)),
+                         prompt_format=str(entry.settings.get("prompt_format", "completion")),
+                         seed=gen.seed), entry
+    paths = verify(settings.models_cache, entry)
     engine = LlmEngine(paths["model"], n_ctx=int(entry.settings.get("n_ctx", 2048)),
                        threads=gen.threads, n_batch=gen.n_batch, seed=gen.seed,
                        state_cache_bytes=gen.state_cache_mb * 1024 * 1024)
     return engine, entry
 
 
-def prompt_builder(settings: Settings, llm: LlmEngine, entry: ModelEntry) -> PromptBuilder:
+def prompt_builder(settings: Settings, llm: LlmEngine | RemoteLlm,
+                   entry: ModelEntry) -> PromptBuilder:
     fmt = str(entry.settings.get("prompt_format", "completion"))
     stop = [str(s) for s in entry.settings.get("stop", [])]
     template: Callable[[list[dict[str, str]]], str] | None = None
-    if fmt == "chat":
+    if fmt == "chat" and isinstance(llm, LlmEngine):  # a remote server applies its own
         template, template_stop = _chat_template(llm)
         stop.extend(template_stop)
     budget = llm.n_ctx - settings.generation.max_tokens - CONTEXT_MARGIN

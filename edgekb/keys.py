@@ -14,6 +14,7 @@ from .config import Settings
 from .embed import Embedder
 from .index import Library
 from .llm import LlmEngine
+from .llm_remote import RemoteLlm
 from .store import AsyncStore
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ STORE = web.AppKey("store", AsyncStore)
 EMBEDDER = web.AppKey("embedder", Embedder)
 LIBRARY = web.AppKey("library", Library)
 INGEST = web.AppKey("ingest", IngestService)
-LLM = web.AppKey("llm", LlmEngine)
+LLM = web.AppKey("llm", LlmEngine | RemoteLlm)
 ANSWERS = web.AppKey("answers", AnswerEngine)
 CONVERSATIONS = web.AppKey("conversations", Conversations)
 CONNECTIONS = web.AppKey("connections", weakref.WeakSet["Connection"])

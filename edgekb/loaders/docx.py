@@ -37,7 +37,7 @@ def _declared_members(path: Path, data: bytes) -> int:
     return int.from_bytes(data[end + 10:end + 12], "little")
 
 
-def check_package(path: Path, data: bytes) -> None:
+def _check_package(path: Path, data: bytes) -> None:
     """Refuse zip bombs and non-Word zips on the archive's own declarations."""
     if _declared_members(path, data) > MAX_MEMBERS:
         raise DocumentTooLarge(f"{path.name}: more than {MAX_MEMBERS} parts in the archive")
@@ -100,7 +100,7 @@ def _rows(table: Table) -> Iterator[str]:
 
 
 def load_docx(path: Path, data: bytes) -> LoadedDocument:
-    check_package(path, data)
+    _check_package(path, data)
     document = docx.Document(io.BytesIO(data))
     budget = TextBudget(path)
     outline = Outline()

@@ -76,7 +76,7 @@ def _sniff_cjk(sample: bytes) -> str | None:
     return None
 
 
-def looks_binary(sample: bytes) -> bool:
+def _looks_binary(sample: bytes) -> bool:
     """NUL bytes or many control bytes: an executable, image or archive, not text."""
     controls = len(sample) - len(sample.translate(None, _CONTROL))
     return b"\x00" in sample or controls > len(sample) // 20
@@ -87,7 +87,7 @@ def decode_text(path: Path, data: bytes, declared: str | None = None) -> str:
     for bom, codec in _BOMS:
         if data.startswith(bom):  # a BOM is a firm declaration: a stray bad byte is replaced
             return data[len(bom):].decode(codec, errors="replace")
-    if looks_binary(data[:_SNIFF_BYTES]):
+    if _looks_binary(data[:_SNIFF_BYTES]):
         raise UnsupportedFormat(f"{path.name}: looks like a binary file, not text")
     declared = _ALIASES.get(declared.lower(), declared) if declared else None
     guesses = [declared, "utf-8", _sniff_cjk(data[:_SNIFF_BYTES]), "cp1252"]
