@@ -13,7 +13,6 @@ import json
 import os
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from aiohttp import web
 from . import keys
 from .errors import DocumentTooLarge, EdgekbError
 from .ingest import FileResult, Ingestor
+from .notices import broadcast
 from .store import Store, check_kb_name
 
 UPLOAD_BLOCK = 256 * 1024
@@ -38,30 +38,6 @@ class BadUpload(EdgekbError):
 
 
 STATUS_BY_CODE = {"not_found": 404, "too_large": 413, "invalid_kb": 400, "bad_upload": 400}
-
-
-class IngestService:
-    """The server's one ingest thread, with its own SQLite connection."""
-
-    def __init__(self, make: Callable[[Store], Ingestor], db_path: Path) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest")
-        self._make = make
-        self._db_path = db_path
-        self._ingestor: Ingestor | None = None
-
-    def _get(self) -> Ingestor:
-        if self._ingestor is None:
-            self._ingestor = self._make(Store(self._db_path))
-        return self._ingestor
-
-    async def run(self, fn: Callable[[Ingestor], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: fn(self._get()))
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        if self._ingestor is not None:
-            self._ingestor.store.close()
 
 
 @web.middleware
@@ -106,7 +82,8 @@ async def upload_documents(request: web.Request) -> web.StreamResponse:
     saved = [path async for path in _receive_files(await request.multipart(), folder, cap)]
     if not saved:
         raise BadUpload("no file in the upload")
-    return await _stream_ingest(request, lambda ing, emit: ing.ingest(saved, kb, on_file=emit))
+    return await _stream_ingest(request, kb,
+                                lambda ing, emit: ing.ingest(saved, kb, on_file=emit))
 
 
 async def reindex(request: web.Request) -> web.StreamResponse:
@@ -114,7 +91,7 @@ async def reindex(request: web.Request) -> web.StreamResponse:
     docs = await request.app[keys.STORE].read(lambda s: s.documents(kb))
     paths = [Path(d.path) for d in docs]
     return await _stream_ingest(
-        request, lambda ing, emit: ing.ingest(paths, kb, on_file=emit, force=True))
+        request, kb, lambda ing, emit: ing.ingest(paths, kb, on_file=emit, force=True))
 
 
 async def delete_document(request: web.Request) -> web.Response:
@@ -134,6 +111,7 @@ async def delete_document(request: web.Request) -> web.Response:
     kept = Path(doc.path)
     if kept.parent == settings.docs_dir / kb:  # an uploaded copy is ours to delete
         kept.unlink(missing_ok=True)
+    await _announce_update(request, kb)
     return web.json_response({"deleted": doc_id, "chunks": result.chunks})
 
 
@@ -165,7 +143,7 @@ async def _receive_files(reader: Any, folder: Path, cap: int) -> Any:
         yield target
 
 
-async def _stream_ingest(request: web.Request,
+async def _stream_ingest(request: web.Request, kb: str,
                          job: Callable[[Ingestor, Callable[[FileResult], None]], Any]
                          ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -186,8 +164,15 @@ async def _stream_ingest(request: web.Request,
             loop.call_soon_threadsafe(lines.put_nowait, None)
 
     task = asyncio.ensure_future(request.app[keys.INGEST].run(run))
+    # Unbounded but finite: one line per file of this request, plus the summary.
     while (line := await lines.get()) is not None:
         await response.write(json.dumps(line).encode() + b"\n")
     await task
+    await _announce_update(request, kb)
     await response.write_eof()
     return response
+
+
+async def _announce_update(request: web.Request, kb: str) -> None:
+    await broadcast(request.app, {"type": "notice", "event": "kb_updated", "kb": kb,
+                                  "message": f"knowledge base {kb!r} was updated"})

@@ -16,17 +16,24 @@ from aiohttp import WSCloseCode, web
 
 from . import keys, sessions
 from .answer import AnswerEngine, AnswerOptions
-from .conversations import Conversations
+from .api import error_middleware, setup_api
 from .config import Settings
-from .api import IngestService, error_middleware, setup_api
+from .conversations import Conversations
 from .engines import (
-    load_embedder, load_llm, make_ingestor, open_catalog, open_library, prompt_builder,
+    load_embedder,
+    load_llm,
+    make_ingestor,
+    open_catalog,
+    open_library,
+    prompt_builder,
 )
+from .ingest_service import IngestService
 from .llm_remote import RemoteLlm
+from .notices import broadcast
 from .retrieval import Searcher
 from .scheduler import FairQueue
 from .store import AsyncStore
-from .ws import broadcast, websocket_handler
+from .ws import websocket_handler
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import sessions
@@ -37,6 +37,7 @@ class RequestRun:
     session_id: str
     id: str
     question: str
+    kbs: tuple[str, ...] | None
     events: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
     followers: int = 0
@@ -78,15 +79,15 @@ class Conversations:
         self.live: dict[tuple[str, str], RequestRun] = {}
         self.closing = False
 
-    async def ask(self, session_id: str, user: str, request_id: str,
-                  question: str) -> RequestRun:
+    async def ask(self, session_id: str, user: str, request_id: str, question: str,
+                  kbs: tuple[str, ...] | None = None) -> RequestRun:
         key = (session_id, request_id)
         fresh = key not in self.live and await self.store.write(
             lambda db: sessions.begin_request(db, session_id, request_id, question))
         if not fresh:
             raise ProtocolError(ID_REUSE, f"request id {request_id!r} was already used in this"
                                 " session; resume it or use a new id", id=request_id)
-        run = RequestRun(session_id, request_id, question)
+        run = RequestRun(session_id, request_id, question, kbs)
         self.live[key] = run
         run.task = asyncio.create_task(self._produce(run, user))
         return run
@@ -155,7 +156,8 @@ class Conversations:
                 run.stage = "running"
                 history = await self.store.read(lambda db: sessions.turns(
                     db, run.session_id, None, HISTORY_TURNS))
-                async for event in self.answers.answer(run.question, self.options, run.cancel,
+                options = replace(self.options, kbs=run.kbs)
+                async for event in self.answers.answer(run.question, options, run.cancel,
                                                        history, run.session_id):
                     final = run.append(event)
                     if event["type"] == "sources":

@@ -16,10 +16,10 @@ from .config import Settings
 from .embed import Embedder
 from .index import Library
 from .ingest import Ingestor
-from .store import Store
 from .llm import LlmEngine
 from .llm_remote import RemoteLlm
 from .prompt import PromptBuilder
+from .store import Store
 
 # Room kept free in the context after the prompt and the answer, for the chat template's own
 # tokens and rounding in the budget.

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from .answer import AnswerEngine
-from .api import IngestService
-from .conversations import Conversations
 from .config import Settings
+from .conversations import Conversations
 from .embed import Embedder
 from .index import Library
+from .ingest_service import IngestService
 from .llm import LlmEngine
 from .llm_remote import RemoteLlm
 from .store import AsyncStore

@@ -25,6 +25,7 @@ UNKNOWN_REQUEST = "unknown_request"
 ID_REUSE = "id_reuse"
 
 _ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_KB = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 _SESSION = re.compile(r"^[A-Za-z0-9_\-]{8,64}$")
 
 
@@ -32,6 +33,7 @@ _SESSION = re.compile(r"^[A-Za-z0-9_\-]{8,64}$")
 class Ask:
     id: str
     text: str
+    kbs: tuple[str, ...] | None = None   # knowledge bases to search; None: all
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,11 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> ClientMessage:
             raise _invalid(message, "text", "a non-empty string")
         if len(text) > MAX_QUESTION_CHARS:
             raise _invalid(message, "text", f"at most {MAX_QUESTION_CHARS} characters")
-        return Ask(_request_id(message), text.strip())
+        kbs = message.get("kbs")
+        if kbs is not None and not (isinstance(kbs, list) and 0 < len(kbs) <= 32 and all(
+                isinstance(k, str) and _KB.match(k) for k in kbs)):
+            raise _invalid(message, "kbs", "a list of knowledge base names")
+        return Ask(_request_id(message), text.strip(), tuple(kbs) if kbs else None)
     if kind == "cancel":
         return Cancel(_request_id(message))
     if kind == "ping":

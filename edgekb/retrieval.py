@@ -66,7 +66,9 @@ class Searcher:
 
     def search(self, store: Store, query: str, k: int, kbs: Sequence[str] | None = None,
                mode: str = "hybrid") -> list[ScoredHit]:
-        kbs = list(kbs) if kbs is not None else self.library.kbs()
+        known = self.library.kbs()
+        # Only existing knowledge bases: a name from a client never creates an index.
+        kbs = [kb for kb in kbs if kb in known] if kbs is not None else known
         vector = self.embedder.embed(query)
         candidates: dict[int, float] = {}
         keyword_scores: dict[int, float] = {}

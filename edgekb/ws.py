@@ -21,8 +21,22 @@ from .conversations import Conversations
 from .errors import EdgekbError, ProtocolError
 from .heartbeat import Heartbeat
 from .protocol import (
-    CLOSE_IDLE, CLOSE_TAKEN_OVER, CLOSE_TOO_SLOW, PROTOCOL, UNKNOWN_REQUEST, Ask, Cancel, Hello,
-    History, Ping, Resume, encode, error_event, event, parse_client_message, valid_session_id,
+    CLOSE_IDLE,
+    CLOSE_TAKEN_OVER,
+    CLOSE_TOO_SLOW,
+    PROTOCOL,
+    UNKNOWN_REQUEST,
+    Ask,
+    Cancel,
+    Hello,
+    History,
+    Ping,
+    Resume,
+    encode,
+    error_event,
+    event,
+    parse_client_message,
+    valid_session_id,
 )
 
 log = logging.getLogger(__name__)
@@ -85,7 +99,8 @@ class Connection:
         elif isinstance(message, Ask):
             await self.app[keys.STORE].write(
                 lambda db: sessions.open_session(db, self.session_id, self.user))
-            await self.conversations.ask(self.session_id, self.user, message.id, message.text)
+            await self.conversations.ask(self.session_id, self.user, message.id, message.text,
+                                         message.kbs)
             self._follow(message.id, 0)
         elif isinstance(message, Cancel):
             if not self.conversations.cancel(self.session_id, message.id):
@@ -175,14 +190,6 @@ async def _watch(conn: Connection, heartbeat: Heartbeat) -> None:
         await conn.ws.close(code=1001, message=b"no heartbeat")
     finally:
         dead.cancel()
-
-
-async def broadcast(app: web.Application, message: dict[str, Any]) -> None:
-    """A notice to every connection; one whose outbox is full skips it rather than blocking."""
-    frame = encode(message)
-    for conn in list(app[keys.CONNECTIONS]):
-        with contextlib.suppress(asyncio.QueueFull):
-            conn.outbox.put_nowait(frame)
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:

@@ -96,7 +96,7 @@ class Browser:
             raise BrowserError(f"navigate {url}: {result['errorText']}")
         await self.wait_for("document.readyState === 'complete'", timeout)
 
-    async def wait_for(self, js: str, timeout: float, interval: float = 0.05) -> Any:
+    async def wait_for(self, js: str, timeout: float, interval: float = 0.1) -> Any:
         """Poll a JS expression until it is truthy; return its value (bounded in time)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

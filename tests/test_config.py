@@ -39,7 +39,7 @@ def test_defaults_load_without_a_file(tmp_path: Path, monkeypatch: pytest.Monkey
     assert settings.server.port == 8080 and settings.server.host == "127.0.0.1"
     assert settings.generation.temperature == 0.0
     assert settings.db_path == settings.data_dir / "edgekb.db"
-    assert settings.index_path == settings.data_dir / "index.bin"
+    assert settings.docs_dir == settings.data_dir / "docs"
     assert settings.models_cache == settings.data_dir / "models"
     assert settings.manifest_path is None
 

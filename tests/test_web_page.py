@@ -10,7 +10,7 @@ from urllib.parse import quote
 
 import pytest
 
-from browser import CHROMIUM, Browser
+from browser import CHROMIUM, Browser, BrowserError
 from conftest import DEMO_QUESTION, Server
 
 QUESTION, ASK, STOP = "[data-testid=question]", "[data-testid=ask]", "[data-testid=stop]"
@@ -60,16 +60,20 @@ async def ask(browser: Browser, question: str) -> None:
 async def card_when(browser: Browser, count: int, stages: tuple[str, ...],
                     timeout: float = ANSWER_TIMEOUT) -> dict[str, Any]:
     """The newest card once there are `count` cards and its stage is one of `stages`."""
-    return await browser.wait_for(
-        f"(() => {{ const c = {NEWEST}; "
-        f"return c.count === {count} && {list(stages)!r}.includes(c.stage) ? c : null; }})()",
-        timeout)
+    try:
+        return await browser.wait_for(
+            f"(() => {{ const c = {NEWEST}; "
+            f"return c.count === {count} && {list(stages)!r}.includes(c.stage) ? c : null; }})()",
+            timeout)
+    except BrowserError:
+        raise AssertionError(f"after {timeout} s, not {count} cards with the newest in {stages}: "
+                             f"{await browser.evaluate(NEWEST)}") from None
 
 
 async def test_demo_question_shows_sources_then_answer(browser: Browser, server: Server,
                                                        tmp_path: Path) -> None:
     await open_page(browser, server.url)
-    # Note the answer's length at the moment the sources first appear: it must still be empty.
+    # Note the answer text at the moment the sources first appear: it must still be empty.
     await browser.evaluate("""window.answerAtSources = null;
       new MutationObserver(() => {
         const c = document.querySelector('#cards > .card');

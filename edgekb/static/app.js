@@ -9,7 +9,9 @@
   const STAGES = { retrieving: 'Searching the manuals…', reading: 'Reading sources…',
     generating: 'Writing the answer…' };
   let ws = null, delay = 1000, retryTimer = 0, pingTimer = 0, deadTimer = 0, rx = 0;
-  let maxBytes = 65536, canResume = false, n = 0;
+  let maxBytes = 65536, canResume = false, n = 0, historyShown = false;
+  // The session is the conversation: kept across reloads, so the page continues it.
+  let session = localStorage.getItem('edgekb.session') || '';
   const reqs = new Map(); // id -> request state (one card each)
   const outbox = [];      // ids to send once the socket is open
 
@@ -32,7 +34,8 @@
     clearTimeout(retryTimer); retryTimer = 0;
     if (ws) return;
     setConn('connecting', 'Connecting…');
-    const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
+    const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws' +
+      (session ? '?session=' + encodeURIComponent(session) : '');
     let s;
     try { s = new WebSocket(url, ['edgekb.v1']); } catch (e) { scheduleRetry(); return; }
     ws = s;
@@ -184,6 +187,22 @@
     }
   }
 
+  // Earlier turns of a continued session, as finished cards under the new ones.
+  function showHistory(turns) {
+    if (!Array.isArray(turns)) return;
+    for (const t of [...turns].reverse()) { // newest first, like the live cards
+      if (!t || reqs.has(t.id)) continue;
+      const r = makeCard(t.id, t.question || '');
+      cards.append(r.card); // older than anything asked on this page
+      renderSources(r, t.sources);
+      r.body.data = String(t.answer || '');
+      setStatus(r, 'history', t.finish === 'stop' || t.finish === 'length' ? 'Earlier answer'
+        : 'Earlier answer (' + t.finish + ')');
+      r.active = false;
+      r.ans.setAttribute('aria-busy', 'false');
+    }
+  }
+
   function fmtMs(ms) { return ms >= 1000 ? (ms / 1000).toFixed(1) + ' s' : Math.round(ms) + ' ms'; }
 
   function onDone(r, m) {
@@ -208,12 +227,18 @@
       delay = 1000; // a server that answers is back: next outage starts at 1 s again
       const lim = m.limits || {};
       if (lim.max_message_bytes > 0) maxBytes = lim.max_message_bytes;
-      canResume = !!(m.resume || (Array.isArray(m.features) && m.features.includes('resume')));
+      canResume = !!m.session; // edgekb.v1: every request of a session can be resumed
+      if (m.session && m.session !== session) {
+        session = m.session;
+        try { localStorage.setItem('edgekb.session', session); } catch (e) { /* private mode */ }
+      }
+      if (m.resumed && !historyShown) { historyShown = true; send({ type: 'history', limit: 20 }); }
       if (m.server) conn.title = String(m.server);
       showNotice('');
       return;
     }
     if (t === 'pong') return;
+    if (t === 'history') { showHistory(m.turns); return; }
     if (t === 'notice') { showNotice(String(m.message || m.text || '')); return; }
     const r = m.id != null ? reqs.get(m.id) : undefined;
     if (t === 'error' && !r) { showNotice('Error ' + m.code + ': ' + (m.message || '')); return; }
@@ -224,8 +249,9 @@
     }
     switch (t) {
       case 'queued':
-        setStatus(r, 'queued', typeof m.position === 'number'
-          ? 'Queued: position ' + m.position + (m.position === 1 ? ' (next)' : '') : 'Queued');
+        setStatus(r, 'queued', m.position > 0
+          ? 'Queued: ' + m.position + (m.position === 1 ? ' answer' : ' answers') + ' ahead'
+          : 'Starting…');
         break;
       case 'status':
         setStatus(r, String(m.stage), STAGES[m.stage] || String(m.stage),

@@ -1,0 +1,256 @@
+"""Retrieval evaluation: does search put the answering passage near the top?
+
+An evaluation set is a folder with ``docs/`` (ingested as they are), ``render/`` (Markdown
+rendered to the binary format named by its file name: ``x.docx.md`` -> ``x.docx``, ``x.pdf.md``
+-> ``x.pdf``, so the loaders see real DOCX and PDF files) and ``questions.tsv``. The demo manuals
+are ingested too. Each question names its document and an exact substring of the answering text:
+a hit is a retrieved chunk of that document containing it, which stays true when chunking changes.
+
+Blocking; runs the embedder only (no LLM), in a temporary data dir.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docx
+
+from .cli import DEMO_DIR
+from .config import load_settings
+from .engines import load_embedder, make_ingestor, open_catalog, open_library
+from .retrieval import MODES, Searcher
+from .store import ChunkHit, Store
+
+KB = "eval"
+DEPTH = 10  # results read per question: MRR is MRR@10
+CUTOFFS = (1, 3, 5)
+_PDF_LINE_CHARS = 90
+_PDF_PAGE_LINES = 46
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    category: str
+    document: str  # file name of the answering document
+    answer: str    # exact substring of the answering chunk's text
+    text: str
+
+
+def load_questions(path: Path) -> list[Question]:
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    questions = [Question(r["id"], r["category"], r["document"], r["answer"], r["question"])
+                 for r in rows]
+    duplicates = {q.id for q in questions if sum(p.id == q.id for p in questions) > 1}
+    if duplicates:
+        raise ValueError(f"{path}: duplicate question ids {sorted(duplicates)}")
+    return questions
+
+
+def _normalise(text: str) -> str:
+    """Whitespace-insensitive: loaders and chunking join and re-break lines."""
+    return " ".join(text.split())
+
+
+def _markdown_blocks(markdown: str) -> Iterable[tuple[str, str]]:
+    """(kind, text) per line of the small Markdown subset used by render/ sources:
+    kind is a heading level "1".."3", "row" (table row), "item" (list item) or "text"."""
+    for line in markdown.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("#"):
+            level = len(stripped) - len(stripped.lstrip("#"))
+            yield str(level), stripped[level:].strip()
+        elif stripped.startswith("|"):
+            cells = [c.strip() for c in stripped.strip("|").split("|")]
+            if not all(set(c) <= set("-: ") for c in cells):  # skip the |---| separator
+                yield "row", "\t".join(cells)
+        elif stripped.startswith("- "):
+            yield "item", stripped[2:]
+        else:
+            yield "text", stripped
+
+
+def render_docx(markdown: str, path: Path) -> None:
+    """Headings as Word heading styles (the title as Title), tables as real Word tables."""
+    document = docx.Document()
+    rows: list[list[str]] = []
+
+    def flush_table() -> None:
+        if rows:
+            table = document.add_table(rows=len(rows), cols=len(rows[0]))
+            for r, row in enumerate(rows):
+                for c, cell in enumerate(row):
+                    table.cell(r, c).text = cell
+            rows.clear()
+
+    for kind, text in _markdown_blocks(markdown):
+        if kind == "row":
+            rows.append(text.split("\t"))
+            continue
+        flush_table()
+        if kind == "item":
+            document.add_paragraph(text, style="List Bullet")
+        elif kind == "text":
+            document.add_paragraph(text)
+        else:
+            document.add_heading(text, level=int(kind) - 1)
+    flush_table()
+    document.save(path)
+
+
+def render_pdf(markdown: str, path: Path) -> None:
+    """A plain PDF as many manuals are: wrapped Helvetica lines, a new page per chapter, table
+    cells run together with spaces, no outline."""
+    pages: list[list[str]] = [[]]
+    for kind, text in _markdown_blocks(markdown):
+        if kind == "2" and pages[-1]:
+            pages.append([])
+        line = text.replace("\t", "   ") if kind == "row" else text
+        for wrapped in textwrap.wrap(line, _PDF_LINE_CHARS):
+            if len(pages[-1]) >= _PDF_PAGE_LINES:
+                pages.append([])
+            pages[-1].append(wrapped)
+    path.write_bytes(_pdf_bytes(pages))
+
+
+def _pdf_bytes(pages: Sequence[Sequence[str]]) -> bytes:
+    count = len(pages)
+    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(count))
+    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
+               f"<< /Type /Pages /Kids [{kids}] /Count {count} >>".encode(),
+               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica"
+               b" /Encoding /WinAnsiEncoding >>"]
+    for i, lines in enumerate(pages):
+        ops = b"".join(b"BT /F1 10 Tf 56 %d Td (%s) Tj ET\n" % (770 - 15 * j, _pdf_string(line))
+                       for j, line in enumerate(lines))
+        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources "
+                       f"<< /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>".encode())
+        objects.append(b"<< /Length %d >>\nstream\n%sendstream" % (len(ops), ops))
+    out = io.BytesIO()
+    out.write(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(out.tell())
+        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
+    xref = out.tell()
+    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
+    out.write(b"".join(b"%010d 00000 n \n" % offset for offset in offsets))
+    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n"
+              % (len(objects) + 1, xref))
+    return out.getvalue()
+
+
+def _pdf_string(text: str) -> bytes:
+    data = text.encode("cp1252")  # WinAnsiEncoding; a character outside it is a bug in the set
+    return data.replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
+
+
+def build_corpus(eval_dir: Path, dest: Path) -> list[Path]:
+    """Copy and render the evaluation documents and the demo manuals into ``dest``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = sorted((eval_dir / "docs").iterdir()) + sorted(DEMO_DIR.iterdir())
+    for source in sources:
+        shutil.copyfile(source, dest / source.name)
+    renderers = {".docx": render_docx, ".pdf": render_pdf}
+    for source in sorted((eval_dir / "render").glob("*.md")):
+        target = dest / source.stem  # x.docx.md -> x.docx
+        renderers[target.suffix](source.read_text(encoding="utf-8"), target)
+    return sorted(dest.iterdir())
+
+
+def _ratios(ranks: Sequence[int | None], cutoffs: Sequence[int], mode: str) -> dict[str, float]:
+    n = max(1, len(ranks))
+    result = {f"hit_at_{c}_{mode}": sum(1 for r in ranks if r and r <= c) / n for c in cutoffs}
+    result[f"mrr_{mode}"] = sum(1 / r for r in ranks if r) / n
+    return result
+
+
+def _check_answers(store: Store, questions: Sequence[Question]) -> None:
+    """Every answer key must occur in its document: a typo would count as a miss forever."""
+    texts: dict[str, list[str]] = {}
+    for hit in store.chunks(store.chunk_ids(KB)).values():
+        texts.setdefault(Path(hit.doc_path).name, []).append(_normalise(hit.text))
+    broken = [q.id for q in questions
+              if not any(_normalise(q.answer) in t for t in texts.get(q.document, []))]
+    if broken:
+        raise ValueError(f"answer text not found in its document for questions {broken}")
+
+
+def _rank(question: Question, hits: Sequence[ChunkHit]) -> int | None:
+    answer = _normalise(question.answer)
+    return next((n for n, hit in enumerate(hits, start=1)
+                 if Path(hit.doc_path).name == question.document
+                 and answer in _normalise(hit.text)), None)
+
+
+def evaluate(eval_dir: Path, *, env: Mapping[str, str] | None = None,
+             overrides: Mapping[str, Any] | None = None, k: int = 3,
+             modes: Sequence[str] = MODES) -> dict[str, Any]:
+    """Ingest the set into a temporary data dir and search every question in every mode.
+
+    ``env`` and ``overrides`` are passed to load_settings (e.g. the model cache, chunk sizes);
+    the data dir is always a fresh temporary one. Returns flat figures (``hit_at_3_hybrid``,
+    ``mrr_vector``, ``search_ms_keyword``, ...), the same per category under ``categories``,
+    and per question the rank of the first hit in each mode (None: not in the top DEPTH) and the
+    top hybrid result under ``results``.
+    """
+    questions = load_questions(eval_dir / "questions.tsv")
+    cutoffs = sorted({*CUTOFFS, k})
+    with tempfile.TemporaryDirectory(prefix="edgekb-eval-") as tmp:
+        settings = load_settings(env=env, overrides={**(overrides or {}),
+                                                     "data_dir": str(Path(tmp) / "data")})
+        embedder = load_embedder(settings, open_catalog(settings))
+        library = open_library(settings, embedder)
+        store = Store(settings.db_path)
+        try:
+            documents = build_corpus(eval_dir, Path(tmp) / "corpus")
+            started = time.perf_counter()
+            report = make_ingestor(settings, store, embedder, library).ingest(documents, kb=KB)
+            ingest_s = time.perf_counter() - started
+            failed = [r for r in report.results if r.status == "failed"]
+            if failed:
+                raise ValueError(f"ingest failed: {[r.error for r in failed]}")
+            _check_answers(store, questions)
+            searcher = Searcher(embedder, library)
+            ranks: dict[str, list[int | None]] = {}
+            top: list[str] = []
+            result: dict[str, Any] = {"questions": len(questions), "documents": len(documents),
+                                      "chunks": report.chunks, "ingest_s": round(ingest_s, 2)}
+            for mode in modes:
+                started = time.perf_counter()
+                found = [[s.hit for s in searcher.search(store, q.text, DEPTH, [KB], mode)]
+                         for q in questions]
+                result[f"search_ms_{mode}"] = round(
+                    (time.perf_counter() - started) * 1000 / max(1, len(questions)), 2)
+                ranks[mode] = [_rank(q, hits) for q, hits in zip(questions, found)]
+                result.update(_ratios(ranks[mode], cutoffs, mode))
+                if mode == "hybrid":
+                    top = [f"{Path(h[0].doc_path).name} > {h[0].heading}" if h else ""
+                           for h in found]
+        finally:
+            store.close()
+    categories: dict[str, dict[str, float]] = {}
+    for category in sorted({q.category for q in questions}):
+        picked = [i for i, q in enumerate(questions) if q.category == category]
+        figures: dict[str, float] = {"count": len(picked)}
+        for mode in modes:
+            figures.update(_ratios([ranks[mode][i] for i in picked], cutoffs, mode))
+        categories[category] = figures
+    result["categories"] = categories
+    result["results"] = [{"id": q.id, "category": q.category, "question": q.text,
+                          "document": q.document, "top_hybrid": top[i] if top else "",
+                          "ranks": {mode: ranks[mode][i] for mode in modes}}
+                         for i, q in enumerate(questions)]
+    return result

@@ -1,0 +1,183 @@
+"""The LLM path: edgekb's streamed answers against llama-cpp-python alone, same prompt, same run.
+
+The raw side is `Llama(...)` built with the server's model, n_ctx, n_threads, n_batch and seed,
+driven by a plain `generate` loop (the design measured the streaming API within 2 % of it, so
+this is the stricter baseline). Prompts are built exactly as the server builds them: edgekb's
+own retrieval and prompt builder over the same data dir, counted with the raw model's tokenizer.
+The server reuses the longest KV prefix of its previous prompt; the raw side is given the same
+cached prefix (untimed) so both read the same number of prompt tokens.
+"""
+
+from __future__ import annotations
+
+import codecs
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+
+from edgekb.catalog import verify
+from edgekb.config import Settings, load_settings
+from edgekb.engines import load_embedder, open_catalog, prompt_builder
+from edgekb.index import Library
+from edgekb.retrieval import Searcher
+from edgekb.store import Store
+
+from .common import edgekb_env, median
+
+# Demo questions with their answers in different sections, so consecutive prompts share only
+# the instruction (tests/data/demo_questions.md).
+QUESTIONS = (
+    "How do I reset the pump after an overpressure trip?",
+    "The compressor shuts down on high discharge temperature, what should I check?",
+    "How do I verify zero energy before working on a machine?",
+    "How much sag should the conveyor return belt have?",
+    "What torque for the P-200 impeller nut?",
+    "Why is there oil in the compressed air lines?",
+)
+# A conversation for the follow-up benchmark, and a question of another session in between.
+FOLLOW_UP = (
+    "How do I reset the pump after an overpressure trip?",
+    "What pressure does it trip at?",
+    "And what should I check before restarting it?",
+)
+INTERLEAVED = "Can a supervisor remove a lock if the owner went home?"
+
+
+def bench_settings(data_dir: Path) -> Settings:
+    return load_settings(None, env=edgekb_env(), overrides={"data_dir": data_dir})
+
+
+@dataclass(frozen=True)
+class BuiltPrompt:
+    question: str
+    text: str
+    tokens: list[int]
+    stop: tuple[str, ...]
+    retrieval_ms: float
+
+
+@dataclass(frozen=True)
+class RawRun:
+    ttft_ms: float          # from the generate call to the first token, cached prefix excluded
+    tokens: int             # generated tokens, end-of-generation excluded (as the server counts)
+    decode_s: float         # from the first token to the end of the loop
+    text: str
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return (self.tokens - 1) / self.decode_s if self.tokens > 1 and self.decode_s > 0 \
+            else None
+
+
+class RawLlm:
+    """llama-cpp-python alone, loaded with the server's settings."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.entry = open_catalog(settings).get(settings.models.llm, kind="llm")
+        path = verify(settings.models_cache, self.entry)["model"]
+        gen = settings.generation
+        self.n_ctx = int(self.entry.settings.get("n_ctx", 2048))
+        self.max_tokens = gen.max_tokens
+        self.llama = llama_cpp.Llama(model_path=str(path), n_ctx=self.n_ctx, n_batch=gen.n_batch,
+                                     n_threads=gen.threads or os.cpu_count() or 1,
+                                     seed=gen.seed, verbose=False)
+
+    def close(self) -> None:
+        self.llama.close()
+
+    # What edgekb's prompt builder needs of an LLM (engines.prompt_builder).
+    def count_tokens(self, text: str) -> int:
+        return len(self.llama.tokenize(text.encode(), add_bos=False, special=True))
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        return self.llama.tokenize(prompt.encode(), add_bos=True, special=True)
+
+    def run(self, prompt: BuiltPrompt, cached: int) -> RawRun:
+        """Greedy generation of the prompt, ``cached`` prompt tokens already in the KV cache."""
+        llama = self.llama
+        llama.reset()
+        if cached:
+            llama.eval(prompt.tokens[:cached])  # what the server had cached: not timed
+        vocab = llama._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text, count = "", 0
+        first_at: float | None = None
+        started = time.perf_counter()
+        for token in llama.generate(prompt.tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05,
+                                    repeat_penalty=1.0):
+            if first_at is None:
+                first_at = time.perf_counter()
+            if llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            count += 1
+            text += decoder.decode(llama.detokenize([token], special=False))
+            if any(stop in text for stop in prompt.stop) or count >= self.max_tokens:
+                break
+        ended = time.perf_counter()
+        for stop in prompt.stop:
+            if stop in text:
+                text = text[: text.index(stop)]
+        assert first_at is not None
+        return RawRun((first_at - started) * 1000, count, ended - first_at, text)
+
+
+def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, ...]
+                  ) -> list[BuiltPrompt]:
+    """Each question's prompt as the server builds it for a new session (no history), with the
+    retrieval time measured in-process (median of 3, after one warm-up search)."""
+    catalog = open_catalog(settings)
+    embedder = load_embedder(settings, catalog)
+    store = Store(settings.db_path)
+    try:
+        library = Library(embedder.dim, settings.data_dir)
+        library.load(store)
+        searcher = Searcher(embedder, library)
+        builder = prompt_builder(settings, raw, raw.entry)  # type: ignore[arg-type]
+        k = settings.retrieval.k
+        searcher.search(store, questions[0], k)
+        prompts = []
+        for question in questions:
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                hits = searcher.search(store, question, k)
+                times.append((time.perf_counter() - started) * 1000)
+            prompt = builder.build(question, [s.hit for s in hits])
+            prompts.append(BuiltPrompt(question, prompt.text, raw.prompt_tokens(prompt.text),
+                                       prompt.stop, median(times)))
+        return prompts
+    finally:
+        store.close()
+
+
+def same_text(a: str, b: str) -> bool:
+    # The server drops a held-back partial stop string at the end; whitespace is all it can be.
+    return a.strip() == b.strip()
+
+
+def summarize_pair(prompt: BuiltPrompt, served: dict[str, Any], raw: RawRun,
+                   client_tps: float | None, ttft_ms: float) -> dict[str, Any]:
+    usage, timings = served["usage"], served["timings"]
+    return {
+        "question": prompt.question,
+        "prompt_tokens": len(prompt.tokens),
+        "server_prompt_tokens": usage.get("prompt_tokens"),
+        "cached_prompt_tokens": usage.get("cached_prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "raw_tokens": raw.tokens,
+        "same_prompt": usage.get("prompt_tokens") == len(prompt.tokens),
+        "same_text": same_text(served.get("text", ""), raw.text),
+        "server_client_tokens_per_s": client_tps,
+        "server_worker_tokens_per_s": timings.get("tokens_per_s"),
+        "raw_tokens_per_s": raw.tokens_per_s,
+        "server_ttft_ms": round(ttft_ms, 1),
+        "server_retrieval_ms": timings.get("retrieval_ms"),
+        "server_prompt_ms": timings.get("prompt_ms"),
+        "raw_retrieval_ms": round(prompt.retrieval_ms, 1),
+        "raw_ttft_ms": round(raw.ttft_ms, 1),
+        "ttft_overhead_ms": round(ttft_ms - prompt.retrieval_ms - raw.ttft_ms, 1),
+    }

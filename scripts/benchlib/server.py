@@ -1,0 +1,209 @@
+"""A real `edgekb serve` process on a loopback port, and a WebSocket client that times answers."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .common import HOST, edgekb_env, proc_status_kb
+
+READY = re.compile(r"edgekb ready on http://([\d.]+):(\d+)/")
+PROTOCOL = "edgekb.v1"
+# Enough descriptors for 5,000 connections plus the server's own files.
+SERVER_NOFILE = 12_000
+
+
+def _raise_child_nofile() -> None:
+    """preexec_fn: the server may hold thousands of sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = SERVER_NOFILE if hard == resource.RLIM_INFINITY else min(SERVER_NOFILE, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log_path: Path
+    startup_s: float
+    rss_ready_kb: int
+    _drain: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def ws_url(self) -> str:
+        return self.url.replace("http://", "ws://") + "ws"
+
+    def rss_kb(self) -> int:
+        return proc_status_kb(self.pid, "VmRSS")
+
+    def hwm_kb(self) -> int:
+        return proc_status_kb(self.pid, "VmHWM")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self._drain is not None:
+            self._drain.join(timeout=5)
+
+
+def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float = 180) -> Server:
+    """Start `edgekb serve --port 0` with ``--set`` settings; wait for its ready line.
+
+    stderr is read by a thread (and copied to ``log_path``) so the ready line is timed exactly
+    and the server never blocks on a full pipe.
+    """
+    args = [sys.executable, "-m", "edgekb", "serve", "--data-dir", str(data_dir),
+            "--host", HOST, "--port", "0"]
+    for item in settings:
+        args += ["--set", item]
+    started = time.perf_counter()
+    process = subprocess.Popen(args, env=edgekb_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, preexec_fn=_raise_child_nofile)
+    ready = threading.Event()
+    found: dict[str, Any] = {}
+
+    def drain() -> None:
+        assert process.stderr is not None
+        with log_path.open("wb") as out:
+            for line in process.stderr:  # ends when the server exits
+                out.write(line)
+                out.flush()
+                if not ready.is_set():
+                    match = READY.search(line.decode(errors="replace"))
+                    if match:
+                        found["at"] = time.perf_counter()
+                        found["url"] = f"http://{match[1]}:{match[2]}/"
+                        found["rss"] = proc_status_kb(process.pid, "VmRSS")
+                        ready.set()
+        ready.set()
+
+    thread = threading.Thread(target=drain, name="server-stderr", daemon=True)
+    thread.start()
+    if not ready.wait(timeout) or "url" not in found:
+        process.kill()
+        process.wait(timeout=10)
+        raise RuntimeError(f"server not ready (exit {process.poll()}):\n"
+                           f"{log_path.read_text(errors='replace')[-3000:]}")
+    return Server(process, found["url"], log_path, found["at"] - started, found["rss"], thread)
+
+
+def run_ingest(data_dir: Path, *paths: str, demo: bool = False, timeout: float = 1800
+               ) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "-m", "edgekb", "ingest", "--data-dir", str(data_dir), *paths]
+    if demo:
+        args.append("--demo")
+    result = subprocess.run(args, env=edgekb_env(), text=True, capture_output=True,
+                            timeout=timeout)
+    if result.returncode != 0:
+        raise RuntimeError(f"edgekb ingest failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+async def connect(http: aiohttp.ClientSession, url: str, session_id: str | None = None,
+                  compress: int = 0) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    """Open /ws (optionally continuing a session); returns the socket and its welcome."""
+    target = f"{url}?session={session_id}" if session_id else url
+    ws = await http.ws_connect(target, protocols=(PROTOCOL,), compress=compress,
+                               autoping=True, max_msg_size=0)
+    welcome = await receive(ws, 60)
+    if welcome.get("type") != "welcome":
+        raise RuntimeError(f"expected welcome, got {welcome}")
+    return ws, welcome
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> dict[str, Any]:
+    msg = await ws.receive(timeout=timeout)
+    if msg.type != aiohttp.WSMsgType.TEXT:
+        raise RuntimeError(f"connection ended: {msg.type} {msg.data!r}")
+    return json.loads(msg.data)
+
+
+@dataclass
+class Answer:
+    """One request as a client saw it; times are time.perf_counter() seconds."""
+
+    sent_at: float
+    events: list[dict[str, Any]] = field(default_factory=list)
+    first_queued_at: float | None = None
+    first_delta_at: float | None = None
+    last_delta_at: float | None = None
+    done_at: float | None = None
+
+    @property
+    def done(self) -> dict[str, Any]:
+        last = self.events[-1] if self.events else {}
+        if last.get("type") != "done":
+            raise RuntimeError(f"request ended without done: {last}")
+        return last
+
+    @property
+    def ttft_ms(self) -> float:
+        assert self.first_delta_at is not None
+        return (self.first_delta_at - self.sent_at) * 1000
+
+    def client_tokens_per_s(self) -> float | None:
+        """(completion tokens - 1) over the time from the first to the last delta."""
+        tokens = self.done["usage"].get("completion_tokens", 0)
+        if tokens < 2 or self.first_delta_at is None or self.last_delta_at is None:
+            return None
+        span = self.last_delta_at - self.first_delta_at
+        return (tokens - 1) / span if span > 0 else None
+
+
+async def send_ask(ws: aiohttp.ClientWebSocketResponse, request_id: str, text: str) -> Answer:
+    answer = Answer(time.perf_counter())
+    await ws.send_str(json.dumps({"type": "ask", "id": request_id, "text": text}))
+    return answer
+
+
+async def follow(ws: aiohttp.ClientWebSocketResponse, request_id: str, answer: Answer,
+                 timeout: float = 300, until: str = "done") -> Answer:
+    """Read events of ``request_id`` into ``answer`` until done/error (or the first ``until``
+    event, e.g. "queued"); bounded by ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"no {until} for {request_id} in {timeout} s")
+        message = await receive(ws, left)
+        if message.get("id") != request_id:
+            continue
+        now = time.perf_counter()
+        answer.events.append(message)
+        kind = message["type"]
+        if kind == "queued" and answer.first_queued_at is None:
+            answer.first_queued_at = now
+        elif kind == "delta":
+            if answer.first_delta_at is None:
+                answer.first_delta_at = now
+            answer.last_delta_at = now
+        elif kind in ("done", "error"):
+            answer.done_at = now
+            return answer
+        if kind == until:
+            return answer
+
+
+async def ask(ws: aiohttp.ClientWebSocketResponse, request_id: str, text: str,
+              timeout: float = 300) -> Answer:
+    return await follow(ws, request_id, await send_ask(ws, request_id, text), timeout)

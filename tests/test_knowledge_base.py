@@ -1,0 +1,165 @@
+"""Knowledge bases over HTTP and the CLI: upload, list, delete, reindex, folder sync, scoping."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import Server, collect, edgekb_env, receive_json, run_edgekb, start_server
+
+VALVE_DOC = """# Gate valve GV-40
+
+## Packing adjustment
+
+If the stem leaks, tighten the gland nuts a quarter turn each, alternately, with the valve
+open. Stop as soon as the leak stops; over-tightening makes the handwheel stiff.
+
+## Parameters
+
+| Parameter | Value |
+|---|---|
+| `gv40.stroke.turns` | 11 |
+| Gland nut torque | 18 Nm |
+"""
+
+
+@pytest.fixture(scope="module")
+def kb_server(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Server]:
+    data_dir = tmp_path_factory.mktemp("kb") / "data"
+    env = edgekb_env(models_cache)
+    run_edgekb(["ingest", "--demo", "--data-dir", str(data_dir)], env, check=True)
+    srv = start_server(data_dir, env, "--set", "ingest.max_file_mb=1",
+                       "--set", "generation.max_tokens=16")
+    yield srv
+    srv.stop()
+
+
+async def upload(server: Server, kb: str, files: dict[str, bytes]) -> tuple[int, list[Any]]:
+    form = aiohttp.FormData()
+    for name, data in files.items():
+        form.add_field("file", io.BytesIO(data), filename=name,
+                       content_type="application/octet-stream")
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{server.url}api/kbs/{kb}/documents", data=form) as response:
+        body = await response.text()
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        return response.status, lines
+
+
+async def get_json(server: Server, path: str) -> Any:
+    async with aiohttp.ClientSession() as http, http.get(server.url + path) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def ask_sources(server: Server, text: str, kbs: list[str] | None) -> list[dict[str, Any]]:
+    async with aiohttp.ClientSession() as http:
+        ws = await http.ws_connect(server.ws_url, protocols=("edgekb.v1",))
+        await receive_json(ws)
+        message: dict[str, Any] = {"type": "ask", "id": "s", "text": text}
+        if kbs is not None:
+            message["kbs"] = kbs
+        await ws.send_json(message)
+        events = await collect(ws, "s")
+        await ws.close()
+    return next(e for e in events if e["type"] == "sources")["sources"]
+
+
+async def test_upload_reports_each_file_and_bad_files_harm_nothing(kb_server: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        watcher = await http.ws_connect(kb_server.ws_url, protocols=("edgekb.v1",))
+        await receive_json(watcher)
+        status, lines = await upload(kb_server, "line-1", {
+            "gv40.md": VALVE_DOC.encode(),
+            "broken.pdf": b"%PDF-1.7\n1 0 obj << /Type /Catalog >>\ngarbage",
+            "photo.txt": bytes(range(256)) * 8,
+        })
+        notice = await receive_json(watcher, timeout=30)
+        await watcher.close()
+    assert status == 200
+    by_name = {Path(line["path"]).name: line for line in lines if line["type"] == "file"}
+    assert by_name["gv40.md"]["status"] == "added" and by_name["gv40.md"]["chunks"] > 0
+    assert by_name["broken.pdf"]["status"] == "failed"
+    assert by_name["broken.pdf"]["code"] == "corrupt_document"
+    assert by_name["photo.txt"]["status"] == "failed" and "binary" in by_name["photo.txt"]["error"]
+    assert lines[-1] == {"type": "summary", "added": 1, "updated": 0, "unchanged": 0,
+                         "removed": 0, "failed": 2}
+    assert notice["type"] == "notice" and notice["event"] == "kb_updated"
+
+    docs = (await get_json(kb_server, "api/kbs/line-1/documents"))["documents"]
+    assert [d["name"] for d in docs] == ["gv40.md"] and docs[0]["chunks"] > 0
+    kbs = {kb["name"]: kb for kb in (await get_json(kb_server, "api/kbs"))["kbs"]}
+    assert set(kbs) == {"default", "line-1"} and kbs["line-1"]["documents"] == 1
+
+
+async def test_question_searches_only_the_named_knowledge_bases(kb_server: Server) -> None:
+    await upload(kb_server, "line-1", {"gv40.md": VALVE_DOC.encode()})
+    scoped = await ask_sources(kb_server, "How do I stop a leaking valve stem?", ["line-1"])
+    assert scoped and {s["doc"] for s in scoped} == {"gv40.md"}
+    other = await ask_sources(kb_server, "How do I stop a leaking valve stem?", ["default"])
+    assert "gv40.md" not in {s["doc"] for s in other}
+    everything = await ask_sources(kb_server, "gv40.stroke.turns", None)
+    assert everything[0]["doc"] == "gv40.md"
+
+
+async def test_too_large_upload_is_refused_and_nothing_kept(kb_server: Server) -> None:
+    status, lines = await upload(kb_server, "big", {"huge.txt": b"word " * 300_000})
+    assert status == 413 and lines[0]["error"]["code"] == "too_large"
+    assert not (kb_server.data_dir / "docs" / "big").exists() or \
+        not any((kb_server.data_dir / "docs" / "big").iterdir())
+    assert "big" not in {kb["name"] for kb in (await get_json(kb_server, "api/kbs"))["kbs"]}
+
+
+async def test_bad_names_get_typed_errors(kb_server: Server) -> None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{kb_server.url}api/kbs/Bad Name!/documents") as response:
+            assert response.status == 400
+            assert (await response.json())["error"]["code"] == "invalid_kb"
+        async with http.delete(f"{kb_server.url}api/kbs/line-1/documents/999999") as response:
+            assert response.status == 404
+            assert (await response.json())["error"]["code"] == "not_found"
+
+
+async def test_deleted_document_never_comes_back(kb_server: Server) -> None:
+    await upload(kb_server, "line-2", {"gv40.md": VALVE_DOC.encode()})
+    docs = (await get_json(kb_server, "api/kbs/line-2/documents"))["documents"]
+    async with aiohttp.ClientSession() as http, \
+            http.delete(f"{kb_server.url}api/kbs/line-2/documents/{docs[0]['id']}") as response:
+        assert response.status == 200
+    assert (await get_json(kb_server, "api/kbs/line-2/documents"))["documents"] == []
+    sources = await ask_sources(kb_server, "gland nut torque gv40.stroke.turns", ["line-2"])
+    assert sources == []
+
+
+async def test_reindex_reingests_every_document(kb_server: Server) -> None:
+    await upload(kb_server, "line-3", {"gv40.md": VALVE_DOC.encode()})
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{kb_server.url}api/kbs/line-3/reindex") as response:
+        lines = [json.loads(x) for x in (await response.text()).splitlines()]
+    assert [line["status"] for line in lines if line["type"] == "file"] == ["updated"]
+
+
+def test_folder_sync_adds_updates_and_removes(tmp_path: Path, models_cache: Path) -> None:
+    env = edgekb_env(models_cache)
+    folder = tmp_path / "manuals"
+    folder.mkdir()
+    (folder / "valve.md").write_text(VALVE_DOC)
+    (folder / "pump.txt").write_text("Pump P-9\n\nPrime the pump before the first start.\n")
+    data = ["--data-dir", str(tmp_path / "data")]
+    run_edgekb(["ingest", str(folder), "--kb", "plant", *data], env, check=True)
+    (folder / "pump.txt").unlink()
+    second = run_edgekb(["ingest", str(folder), "--kb", "plant", *data], env, check=True)
+    assert "1 unchanged, 1 removed" in second.stderr
+    found = run_edgekb(["search", "prime the pump", "--kb", "plant", "--json", *data], env,
+                       check=True)
+    hits = [json.loads(line) for line in found.stdout.splitlines()]
+    assert hits and all(h["doc"] == "valve.md" and h["kb"] == "plant" for h in hits)
+    keyword = run_edgekb(["search", "gv40.stroke.turns", "--mode", "keyword", "--kb", "plant",
+                          *data], env, check=True)
+    assert keyword.stdout.startswith("[1] ") and "valve.md" in keyword.stdout.splitlines()[0]

@@ -1,0 +1,633 @@
+"""The conversation protocol edgekb.v1 against the real server, through a fault-injecting proxy:
+exact resume over many cuts and across restarts, slow and silent peers, shared sessions,
+history, cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from conftest import DEMO_QUESTION, Server, edgekb_env, receive_json, start_server
+from faultproxy import FaultProxy
+
+PROTOCOLS = ("edgekb.v1",)
+OTHER_QUESTION = "How do I verify zero energy?"
+ENDS = ("done", "error")
+MAX_FRAMES = 200_000  # bound on frames read by any one loop below
+
+# One token per delta: many frames, so cuts land everywhere in the stream.
+FAST = ("--set", "generation.max_tokens=48", "--set", "server.flush_interval_ms=0")
+HEARTBEAT = ("--set", "generation.max_tokens=256", "--set", "server.flush_interval_ms=0",
+             "--set", "server.heartbeat_s=1", "--set", "server.pong_timeout_s=1")
+SLOW_DROP = ("--set", "generation.max_tokens=64", "--set", "server.send_timeout_s=2")
+RESTART = ("--set", "generation.max_tokens=256", "--set", "server.flush_interval_ms=0")
+
+
+# --- servers -------------------------------------------------------------------------------
+
+def _serve_copy(tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path,
+                models_cache: Path, name: str, *settings: str) -> Server:
+    """A server on its own copy of the demo data dir (one server per data dir)."""
+    data_dir = tmp_path_factory.mktemp(name) / "data"
+    shutil.copytree(demo_data_dir, data_dir)
+    return start_server(data_dir, edgekb_env(models_cache), *settings)
+
+
+@pytest.fixture(scope="module")
+def fast_server(tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path,
+                models_cache: Path) -> Iterator[Server]:
+    srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "fast", *FAST)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def heartbeat_server(tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path,
+                     models_cache: Path) -> Iterator[Server]:
+    srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "heartbeat", *HEARTBEAT)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+async def proxy_to() -> AsyncIterator[Any]:
+    """A factory of fault proxies in front of a server, all closed after the test."""
+    proxies: list[FaultProxy] = []
+
+    async def make(srv: Server, **options: Any) -> FaultProxy:
+        proxy = await FaultProxy(int(srv.url.rsplit(":", 1)[1].strip("/")), **options).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in proxies:
+        await proxy.close()
+
+
+# --- client helpers ------------------------------------------------------------------------
+
+@dataclass
+class Stream:
+    """What one connection delivered for one request."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    others: list[dict[str, Any]] = field(default_factory=list)  # frames of no/other requests
+    close: aiohttp.WSMessage | None = None  # set when the connection ended first
+    timed_out: bool = False
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.events) and self.events[-1]["type"] in ENDS
+
+
+async def read_request(ws: aiohttp.ClientWebSocketResponse, request_id: str,
+                       timeout: float = 120, pause_s: float = 0.0) -> Stream:
+    """Frames until the request's done/error, the connection's end, or the deadline."""
+    stream = Stream()
+    deadline = time.monotonic() + timeout
+    for _ in range(MAX_FRAMES):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            msg = await ws.receive(timeout=left)
+        except asyncio.TimeoutError:
+            break
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            stream.close = msg
+            return stream
+        frame = json.loads(msg.data)
+        if frame.get("id") == request_id and "seq" in frame:
+            stream.events.append(frame)
+            if frame["type"] in ENDS:
+                return stream
+        else:
+            stream.others.append(frame)
+        if pause_s:
+            await asyncio.sleep(pause_s)  # a slow reader that still reads
+    stream.timed_out = True
+    return stream
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    return "".join(e["text"] for e in events if e["type"] == "delta")
+
+
+def seqs(events: list[dict[str, Any]]) -> list[int]:
+    return [e["seq"] for e in events]
+
+
+def connect(http: aiohttp.ClientSession, url: str, session: str | None = None
+            ) -> AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]:
+    return http.ws_connect(url + (f"?session={session}" if session else ""),
+                           protocols=PROTOCOLS)
+
+
+async def answer_in_new_session(http: aiohttp.ClientSession, url: str, request_id: str,
+                                question: str = DEMO_QUESTION) -> tuple[str, Stream]:
+    """(session id, stream) of one uninterrupted answer."""
+    async with connect(http, url) as ws:
+        session = (await receive_json(ws))["session"]
+        await ws.send_json({"type": "ask", "id": request_id, "text": question})
+        stream = await read_request(ws, request_id)
+    assert stream.ended and stream.events[-1]["type"] == "done", stream
+    return session, stream
+
+
+async def ask_in_session(ws: aiohttp.ClientWebSocketResponse, request_id: str,
+                         question: str) -> Stream:
+    await ws.send_json({"type": "ask", "id": request_id, "text": question})
+    stream = await read_request(ws, request_id)
+    assert stream.ended and stream.events[-1]["type"] == "done", stream
+    return stream
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+async def wait_for_condition(check: Any, timeout: float, step: float = 0.05) -> float | None:
+    """Seconds until check() held, or None if it did not within timeout."""
+    started = time.monotonic()
+    for _ in range(int(timeout / step) + 1):
+        if check():
+            return time.monotonic() - started
+        await asyncio.sleep(step)
+    return None
+
+
+# --- 1. exact resume over many cuts ---------------------------------------------------------
+
+CUTS_WANTED = 100
+CUTS_PER_ASK = 12
+MAX_ASKS = 25
+
+
+async def ask_through_cuts(http: aiohttp.ClientSession, proxy: FaultProxy, request_id: str,
+                           rng: random.Random) -> tuple[list[dict[str, Any]], int]:
+    """Ask once, then resume after every cut until the answer ends; (events, cuts)."""
+    loop = asyncio.get_running_loop()
+    session: str | None = None
+    events: list[dict[str, Any]] = []
+    cuts = 0
+    for attempt in range(CUTS_PER_ASK + 10):
+        async with connect(http, proxy.ws_url(), session) as ws:
+            session = (await receive_json(ws))["session"]
+            timer: asyncio.TimerHandle | None = None
+            if cuts < CUTS_PER_ASK:
+                # The first cut is by bytes, so the ask has reached the server before it.
+                if attempt == 0 or rng.random() < 0.5:
+                    proxy.cut_after(rng.randint(1, 700))
+                else:
+                    timer = loop.call_later(rng.uniform(0.0, 0.25), proxy.cut)
+            after = events[-1]["seq"] if events else 0
+            await ws.send_json({"type": "ask", "id": request_id, "text": DEMO_QUESTION}
+                               if attempt == 0 else
+                               {"type": "resume", "id": request_id, "after": after})
+            stream = await read_request(ws, request_id, timeout=120)
+            if timer is not None:
+                timer.cancel()
+            proxy.cut_after(None)
+        assert not stream.timed_out, f"{request_id}: nothing more after seq {after}"
+        for event in stream.events:
+            expected = (events[-1]["seq"] if events else 0) + 1
+            assert event["seq"] == expected, (
+                f"{request_id}: seq {event['seq']} after {expected - 1} (resumed after "
+                f"{after}, cut {cuts}): an event was lost or sent twice")
+            events.append(event)
+        if stream.ended:
+            return events, cuts
+        cuts += 1
+    raise AssertionError(f"{request_id} did not end after {cuts} cuts: {events[-3:]}")
+
+
+async def test_resume_reassembles_the_exact_answer_over_a_hundred_cuts(
+        fast_server: Server, proxy_to: Any) -> None:
+    async with aiohttp.ClientSession() as http:
+        _, reference = await answer_in_new_session(http, fast_server.ws_url, "reference")
+        expected = reference.events[-1]["text"]
+        assert expected and text_of(reference.events) == expected
+
+        proxy = await proxy_to(fast_server)
+        rng = random.Random(20251125)
+        total_cuts = asks = 0
+        for asks in range(1, MAX_ASKS + 1):
+            events, cuts = await ask_through_cuts(http, proxy, f"cut-{asks}", rng)
+            total_cuts += cuts
+            done = events[-1]
+            assert done["type"] == "done", done
+            assert [e["type"] for e in events].count("done") == 1
+            assert text_of(events) == expected, (
+                f"ask {asks} after {cuts} cuts: reassembled text differs from the uninterrupted "
+                f"answer:\n{text_of(events)!r}\n!=\n{expected!r}")
+            assert done["text"] == expected
+            if total_cuts >= CUTS_WANTED:
+                break
+    assert total_cuts >= CUTS_WANTED, f"only {total_cuts} cuts in {asks} asks"
+    assert proxy.cuts >= CUTS_WANTED
+
+
+# --- 2. resume of a finished answer, unknown ids, reused ids -------------------------------
+
+async def test_resume_after_the_answer_ended_replays_exactly_the_missing_events(
+        fast_server: Server) -> None:
+    url = fast_server.ws_url
+    async with aiohttp.ClientSession() as http:
+        session, original = await answer_in_new_session(http, url, "fin")
+        events = original.events
+        k = len(events) // 2
+
+        async with connect(http, url, session) as ws:
+            welcome = await receive_json(ws)
+            assert welcome["session"] == session and welcome["resumed"] is True
+            await ws.send_json({"type": "resume", "id": "fin", "after": 0})
+            assert (await read_request(ws, "fin")).events == events
+            await ws.send_json({"type": "resume", "id": "fin", "after": k})
+            replay = await read_request(ws, "fin")
+            assert replay.events == events[k:], "resume after=k must give exactly k+1..end"
+            # Nothing else follows: the very next frame is the answer to a ping.
+            await ws.send_json({"type": "ping"})
+            assert (await receive_json(ws))["type"] == "pong"
+
+            await ws.send_json({"type": "resume", "id": "never-asked", "after": 0})
+            error = await receive_json(ws)
+            assert error["type"] == "error" and error["code"] == "unknown_request", error
+            assert error["id"] == "never-asked"
+
+            await ws.send_json({"type": "ask", "id": "fin", "text": OTHER_QUESTION})
+            error = await receive_json(ws)
+            assert error["type"] == "error" and error["code"] == "id_reuse", error
+            assert error["id"] == "fin"
+            await ws.send_json({"type": "ping"})
+            assert (await receive_json(ws))["type"] == "pong"
+
+        # The same through hello on a connection that started in another session.
+        async with connect(http, url) as ws:
+            assert (await receive_json(ws))["session"] != session
+            await ws.send_json({"type": "hello", "session": session,
+                                "resume": [{"id": "fin", "after": k}]})
+            welcome = await receive_json(ws)
+            assert welcome["type"] == "welcome" and welcome["session"] == session
+            assert welcome["resumed"] is True
+            assert (await read_request(ws, "fin")).events == events[k:]
+
+
+# --- 3. resume across a server restart ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def restart_data_dir(tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path) -> Path:
+    data_dir = tmp_path_factory.mktemp("restart") / "data"
+    shutil.copytree(demo_data_dir, data_dir)
+    return data_dir
+
+
+async def _interrupt_then_resume(data_dir: Path, models_cache: Path, request_id: str,
+                                 hard: bool) -> None:
+    env = edgekb_env(models_cache)
+    srv = start_server(data_dir, env, *RESTART)
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with connect(http, srv.ws_url) as ws:
+                session = (await receive_json(ws))["session"]
+                await ws.send_json({"type": "ask", "id": request_id, "text": DEMO_QUESTION})
+                seen: list[dict[str, Any]] = []
+                for _ in range(MAX_FRAMES):
+                    event = await receive_json(ws, timeout=120)
+                    assert event["type"] not in ENDS, f"ended before the stop: {event}"
+                    seen.append(event)
+                    if sum(e["type"] == "delta" for e in seen) >= 3:
+                        break
+                if hard:
+                    srv.process.kill()
+                    await asyncio.to_thread(srv.process.wait, 30)
+                else:
+                    await asyncio.to_thread(srv.stop)
+                tail = await read_request(ws, request_id, timeout=30)
+        assert tail.close is not None, f"the connection outlived the server: {tail}"
+        if not hard:
+            assert any(f.get("type") == "notice" and f.get("event") == "shutdown"
+                       for f in tail.others), "a graceful stop tells clients first"
+            assert tail.close.type == aiohttp.WSMsgType.CLOSE and tail.close.data == 1001
+        seen += tail.events
+        assert seqs(seen) == list(range(1, len(seen) + 1))
+        assert not tail.ended, "the answer ended before the stop; nothing to interrupt"
+        last = seen[-1]["seq"]
+    finally:
+        srv.stop()
+
+    srv = start_server(data_dir, env, *RESTART)
+    try:
+        async with aiohttp.ClientSession() as http, connect(http, srv.ws_url, session) as ws:
+            assert (await receive_json(ws))["resumed"] is True
+            await ws.send_json({"type": "resume", "id": request_id, "after": last})
+            rest = await read_request(ws, request_id, timeout=20)
+            await ws.send_json({"type": "resume", "id": request_id, "after": 0})
+            stored = await read_request(ws, request_id, timeout=20)
+    finally:
+        srv.stop()
+    kind = "kill -9" if hard else "SIGTERM"
+    assert stored.events[:len(seen)] == seen, (
+        f"after {kind} mid-answer and a restart, the stored log differs from what the client "
+        f"was sent: seqs the client saw mean other events now (seq reused): "
+        f"sent {seen[len(seen) - 3:]}, stored {stored.events[len(seen) - 3:len(seen) + 1]}")
+    assert rest.ended, (
+        f"after {kind} mid-answer and a restart, resume after={last} (the last seq the client "
+        f"received) gets nothing: the log ends at seq "
+        f"{stored.events[-1]['seq'] if stored.events else None} "
+        f"({stored.events[-1]['type'] if stored.events else None})")
+    assert seqs(rest.events) == list(range(last + 1, last + 1 + len(rest.events)))
+    end = rest.events[-1]
+    assert end["type"] == "error" and end["code"] == "interrupted", end
+    assert end["text"] == text_of(seen + rest.events), (
+        "the interrupted error carries exactly the text that was written")
+    assert end["text"].strip()
+
+
+async def test_resume_after_a_graceful_restart_ends_with_interrupted(
+        restart_data_dir: Path, models_cache: Path) -> None:
+    await _interrupt_then_resume(restart_data_dir, models_cache, "term", hard=False)
+
+
+async def test_resume_after_a_kill_ends_with_interrupted_and_no_seq_twice(
+        restart_data_dir: Path, models_cache: Path) -> None:
+    await _interrupt_then_resume(restart_data_dir, models_cache, "kill", hard=True)
+
+
+# --- 4. a client that never reads -----------------------------------------------------------
+
+def _masked_text_frame(payload: bytes) -> bytes:
+    mask = os.urandom(4)
+    size = len(payload)
+    header = bytes([0x81, 0x80 | size]) if size < 126 else \
+        bytes([0x81, 0x80 | 126]) + size.to_bytes(2, "big")
+    return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def _flood_without_reading(port: int, session: str, frames: int,
+                                 seconds: float) -> tuple[socket.socket, int]:
+    """A raw WebSocket client that asks, then sends `history` requests and never reads a byte.
+    Returns the socket and how many history requests the kernel took."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws?session={session} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+                  "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  "Sec-WebSocket-Protocol: edgekb.v1\r\n\r\n").encode())
+    sock.sendall(_masked_text_frame(json.dumps(
+        {"type": "ask", "id": "stalled", "text": OTHER_QUESTION}).encode()))
+    history = _masked_text_frame(b'{"type":"history","limit":50}')
+    payload = history * frames
+    sock.setblocking(False)
+    sent = 0
+    deadline = time.monotonic() + seconds
+    for _ in range(frames + int(seconds / 0.05) + 1):
+        if sent >= len(payload) or time.monotonic() > deadline:
+            break
+        try:
+            sent += sock.send(payload[sent:sent + 65536])
+        except BlockingIOError:
+            await asyncio.sleep(0.05)  # the server stopped reading: what a bounded server does
+    return sock, sent // len(history)
+
+
+async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
+        tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path,
+        models_cache: Path) -> None:
+    srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "stalled", *FAST)
+    try:
+        port = int(srv.url.rsplit(":", 1)[1].strip("/"))
+        async with aiohttp.ClientSession() as http, connect(http, srv.ws_url) as ws:
+            session = (await receive_json(ws))["session"]
+            await ask_in_session(ws, "warm", DEMO_QUESTION)  # so each history page is ~2 KB
+            before = rss_kib(srv.process.pid)
+            sock, requests = await _flood_without_reading(port, session, 100_000, 5.0)
+            try:
+                # Meanwhile another client of the same session gets a whole answer.
+                other = await ask_in_session(ws, "meanwhile", OTHER_QUESTION)
+                assert text_of(other.events) == other.events[-1]["text"]
+                await asyncio.sleep(1.0)
+                grown_mib = (rss_kib(srv.process.pid) - before) / 1024
+                assert grown_mib < 32, (
+                    f"server RSS grew by {grown_mib:.0f} MiB while a client that never reads "
+                    f"sent {requests} history requests")
+            finally:
+                sock.close()  # the stalled client goes away for good
+            await asyncio.sleep(1.0)
+            await ws.send_json({"type": "ping"})
+            assert (await receive_json(ws))["type"] == "pong"
+        # Everything that client held is released: the server stops promptly.
+        srv.process.terminate()
+        try:
+            await asyncio.to_thread(srv.process.wait, 15)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                "BUG: after a client that had stopped reading closed its socket, SIGTERM did "
+                "not stop the server within 15 s: its connection handler is still blocked "
+                "on a full outbox whose writer has gone") from None
+    finally:
+        srv.stop()
+
+
+# --- 5. two connections of one session follow one answer ----------------------------------
+
+async def test_two_connections_of_one_session_follow_the_same_live_answer(
+        fast_server: Server) -> None:
+    url = fast_server.ws_url
+    async with aiohttp.ClientSession() as http, connect(http, url) as first:
+        session = (await receive_json(first))["session"]
+        async with connect(http, url, session) as second:
+            assert (await receive_json(second))["session"] == session
+            await first.send_json({"type": "ask", "id": "shared", "text": DEMO_QUESTION})
+            head: list[dict[str, Any]] = []
+            for _ in range(MAX_FRAMES):
+                event = await receive_json(first, timeout=120)
+                head.append(event)
+                if event["type"] in ("delta", *ENDS):
+                    break
+            assert head[-1]["type"] == "delta", "the answer must still be streaming"
+            await second.send_json({"type": "resume", "id": "shared", "after": 0})
+            rest, follower = await asyncio.gather(read_request(first, "shared"),
+                                                  read_request(second, "shared"))
+    asker = head + rest.events
+    assert asker[-1]["type"] == "done" and seqs(asker) == list(range(1, len(asker) + 1))
+    assert follower.events == asker, "both connections see the same events"
+    assert text_of(follower.events) == text_of(asker) == asker[-1]["text"]
+
+
+# --- 6. history -----------------------------------------------------------------------------
+
+async def test_history_returns_the_turns_in_order_with_paging(fast_server: Server) -> None:
+    async with aiohttp.ClientSession() as http, connect(http, fast_server.ws_url) as ws:
+        session = (await receive_json(ws))["session"]
+        one = await ask_in_session(ws, "h1", DEMO_QUESTION)
+        two = await ask_in_session(ws, "h2", OTHER_QUESTION)
+
+        await ws.send_json({"type": "history"})
+        page = await receive_json(ws)
+        assert page["type"] == "history" and page["session"] == session
+        assert page["more"] is False
+        turns = page["turns"]
+        assert [(t["id"], t["question"]) for t in turns] == [("h1", DEMO_QUESTION),
+                                                              ("h2", OTHER_QUESTION)]
+        assert [t["answer"] for t in turns] == [one.events[-1]["text"], two.events[-1]["text"]]
+        assert [t["finish"] for t in turns] == [one.events[-1]["finish"],
+                                                two.events[-1]["finish"]]
+        assert turns[0]["turn"] < turns[1]["turn"] and turns[0]["at"] <= turns[1]["at"]
+        assert turns[0]["sources"] and turns[0]["sources"][0]["doc"] == "pump-manual.md"
+
+        await ws.send_json({"type": "history", "limit": 1})
+        newest = await receive_json(ws)
+        assert [t["id"] for t in newest["turns"]] == ["h2"] and newest["more"] is True
+        await ws.send_json({"type": "history", "limit": 1, "before": newest["turns"][0]["turn"]})
+        older = await receive_json(ws)
+        assert older["turns"] == [turns[0]] and older["more"] is False
+
+
+# --- 7. cancel ------------------------------------------------------------------------------
+
+async def test_cancel_stops_the_answer_quickly_and_the_connection_goes_on(
+        heartbeat_server: Server) -> None:
+    async with aiohttp.ClientSession() as http, connect(http, heartbeat_server.ws_url) as ws:
+        await receive_json(ws)
+        await ws.send_json({"type": "ask", "id": "long", "text": DEMO_QUESTION})
+        await ws.send_json({"type": "ask", "id": "waiting", "text": OTHER_QUESTION})
+        head: list[dict[str, Any]] = []
+        for _ in range(MAX_FRAMES):
+            event = await receive_json(ws, timeout=120)
+            head.append(event)
+            if event.get("id") == "long" and event["type"] in ("delta", *ENDS):
+                break
+        assert head[-1]["type"] == "delta", head[-1]
+        assert {"type": "queued", "id": "waiting", "seq": 1, "position": 1} in head
+
+        # A queued request leaves the queue at once.
+        await ws.send_json({"type": "cancel", "id": "waiting"})
+        waiting = await read_request(ws, "waiting", timeout=5)
+        assert waiting.ended and waiting.events[-1]["type"] == "done", waiting
+        assert waiting.events[-1]["finish"] == "cancelled"
+
+        started = time.monotonic()
+        await ws.send_json({"type": "cancel", "id": "long"})
+        rest = await read_request(ws, "long", timeout=10)
+        took = time.monotonic() - started
+        assert rest.ended, rest
+        done = rest.events[-1]
+        assert done["type"] == "done" and done["finish"] == "cancelled", done
+        assert took < 1.5, f"cancel took {took:.2f} s"
+        long_events = [e for e in head if e.get("id") == "long"] + rest.events
+        assert done["text"] == text_of(long_events) and done["text"]
+        assert done["usage"]["completion_tokens"] < 256
+
+        await ws.send_json({"type": "cancel", "id": "long"})
+        assert (await receive_json(ws))["code"] == "unknown_request"  # nothing runs any more
+        await ws.send_json({"type": "ask", "id": "after", "text": OTHER_QUESTION})
+        after = await read_request(ws, "after")
+        assert after.ended and after.events[-1]["type"] == "done"
+        assert after.events[-1]["finish"] in ("stop", "length")
+
+
+# --- 8. heartbeats: a silent peer is dropped, a slow one is not ------------------------------
+
+async def test_a_silent_peer_is_closed_within_seconds(heartbeat_server: Server,
+                                                       proxy_to: Any) -> None:
+    proxy = await proxy_to(heartbeat_server)
+    async with aiohttp.ClientSession() as http, connect(http, proxy.ws_url()) as ws:
+        welcome = await receive_json(ws)
+        assert welcome["heartbeat"] == {"interval_s": 1.0, "timeout_s": 1.0}
+        [link] = proxy.links
+        proxy.stall()  # the phone left the Wi-Fi: nothing in, nothing out, no FIN
+        took = await wait_for_condition(link.server_gone, timeout=20)
+    assert took is not None, "the server kept a silent peer for 20 s"
+    # heartbeat_s + pong_timeout_s = 2 s, plus slack for a busy 2-core machine
+    assert took < 6, f"the server closed a silent peer only after {took:.1f} s"
+
+
+async def test_a_slow_link_that_keeps_reading_is_not_closed(heartbeat_server: Server,
+                                                            proxy_to: Any) -> None:
+    rate = 4096
+    async with aiohttp.ClientSession() as http:
+        session, original = await answer_in_new_session(http, heartbeat_server.ws_url, "slow")
+        size = sum(len(json.dumps(e, ensure_ascii=False, separators=(",", ":")))
+                   for e in original.events)
+        assert size / rate > 3, "the replay must take several heartbeat periods"
+        proxy = await proxy_to(heartbeat_server)
+        proxy.rate_bytes_per_s = rate
+        async with connect(http, proxy.ws_url(), session) as ws:
+            await receive_json(ws)
+            [link] = proxy.links
+            started = time.monotonic()
+            await ws.send_json({"type": "resume", "id": "slow", "after": 0})
+            replay = await read_request(ws, "slow", timeout=60, pause_s=0.005)
+            took = time.monotonic() - started
+            assert replay.close is None, (
+                f"the server closed a connection that was reading at {rate} B/s after "
+                f"{took:.1f} s, seq {replay.events[-1]['seq'] if replay.events else 0}/"
+                f"{len(original.events)}: {replay.close}")
+            assert replay.events == original.events
+            assert took > 2, "the link was not slower than heartbeat + timeout"
+            await ws.send_json({"type": "ping"})
+            assert (await receive_json(ws))["type"] == "pong"
+            assert not link.server_gone()
+
+
+# --- 9. a reader too slow for send_timeout_s is dropped, then resumes ------------------------
+
+async def test_a_client_that_stops_reading_is_dropped_and_resumes_completely(
+        tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path, models_cache: Path,
+        proxy_to: Any) -> None:
+    srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "drop", *SLOW_DROP)
+    try:
+        proxy = await proxy_to(srv)
+        async with aiohttp.ClientSession() as http:
+            async with connect(http, proxy.ws_url()) as ws:
+                session = (await receive_json(ws))["session"]
+                await ask_in_session(ws, "warm", DEMO_QUESTION)
+                [link] = proxy.links
+                # Stop taking anything from the server, then make it send far more than
+                # socket buffers hold (about 4 MiB on loopback): the answer plus history pages.
+                proxy.stall(client_to_server=False)
+                await ws.send_json({"type": "ask", "id": "dropped", "text": OTHER_QUESTION})
+                for _ in range(3000):
+                    await ws.send_str('{"type":"history","limit":50}')
+                closed_in = await wait_for_condition(link.server_gone, timeout=20)
+                proxy.flow()
+                seen = await read_request(ws, "dropped", timeout=60)
+                if seen.close is None and not seen.timed_out:
+                    tail = await read_request(ws, "no-such-request", timeout=60)
+                    seen.close = tail.close
+            assert seen.close is not None, "the stalled connection was never closed"
+            assert seen.close.type == aiohttp.WSMsgType.CLOSE and seen.close.data == 4010, (
+                f"expected close 4010 (too slow), got {seen.close}")
+            last = seen.events[-1]["seq"] if seen.events else 0
+            async with connect(http, srv.ws_url, session) as ws:
+                await receive_json(ws)
+                await ws.send_json({"type": "resume", "id": "dropped", "after": last})
+                rest = await read_request(ws, "dropped")
+    finally:
+        srv.stop()
+    events = seen.events + rest.events
+    assert rest.ended and events[-1]["type"] == "done", rest
+    assert seqs(events) == list(range(1, len(events) + 1))
+    assert text_of(events) == events[-1]["text"] and events[-1]["text"]
+    assert closed_in is not None, (
+        "a client that stopped reading was not disconnected while it stayed stalled: the "
+        "server noticed the send timeout but its close waits for the peer to take data")
