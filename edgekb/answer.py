@@ -10,7 +10,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
@@ -40,6 +40,31 @@ def source_entry(number: int, scored: ScoredHit) -> dict[str, Any]:
             "score": round(scored.score, 4)}
 
 
+def merge_neighbours(hits: list[ScoredHit]) -> list[ScoredHit]:
+    """One source per document section: chunks of the same section are joined in document
+    order (their overlap said once) and ranked by their best score, so the reader and the
+    prompt get one coherent passage instead of two overlapping halves."""
+    groups: dict[tuple[str, str, int | None], list[ScoredHit]] = {}
+    for scored in hits:
+        hit = scored.hit
+        groups.setdefault((hit.doc_path, hit.heading, hit.page), []).append(scored)
+    merged = []
+    for group in groups.values():
+        if len(group) == 1:
+            merged.append(group[0])
+            continue
+        ordered = sorted(group, key=lambda s: s.hit.ord)
+        lines: list[str] = []
+        for scored in ordered:
+            new = scored.hit.text.split("\n")
+            overlap = next((n for n in range(min(len(lines), len(new)), 0, -1)
+                            if lines[-n:] == new[:n]), 0)
+            lines.extend(new[overlap:])
+        best = max(group, key=lambda s: s.score)
+        merged.append(ScoredHit(replace(best.hit, text="\n".join(lines)), best.score))
+    return sorted(merged, key=lambda s: -s.score)
+
+
 class AnswerEngine:
     def __init__(self, store: AsyncStore, searcher: Searcher, prompts: PromptBuilder,
                  llm: LlmEngine | RemoteLlm) -> None:
@@ -57,8 +82,8 @@ class AnswerEngine:
         """
         started = time.perf_counter()
         yield {"type": "status", "stage": "retrieving"}
-        hits = await self.store.read(
-            lambda db: self.searcher.search(db, question, options.k, options.kbs))
+        hits = merge_neighbours(await self.store.read(
+            lambda db: self.searcher.search(db, question, options.k, options.kbs)))
         retrieval_ms = (time.perf_counter() - started) * 1000
         loop = asyncio.get_running_loop()
         # Token counting runs llama's tokenizer: keep it off the loop.
@@ -78,6 +103,10 @@ class AnswerEngine:
                     yield {"type": "status", "stage": "reading",
                            "progress": round(item.done / item.total, 3)}
             elif isinstance(item, Piece):
+                if not text and not pending:  # an answer starts at its first visible character
+                    item = Piece(item.text.lstrip())
+                    if not item.text:
+                        continue
                 now = time.perf_counter()
                 if first_token_at is None:
                     first_token_at = now

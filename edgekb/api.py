@@ -123,24 +123,32 @@ async def _receive_files(reader: Any, folder: Path, cap: int) -> Any:
         name = Path(part.filename).name
         if not _SAFE_NAME.match(name):
             raise BadUpload(f"file name {part.filename!r} is not allowed")
-        await asyncio.get_running_loop().run_in_executor(None, folder.mkdir, 0o755, True, True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, folder.mkdir, 0o755, True, True)
         target = folder / name
         tmp = folder / f".{name}.upload"
         size = 0
-        with tmp.open("wb") as out:
-            try:
-                while chunk := await part.read_chunk(UPLOAD_BLOCK):
-                    size += len(chunk)
-                    if size > cap:
-                        raise DocumentTooLarge(f"{name}: over the upload limit of {cap} bytes")
-                    out.write(chunk)
-                out.flush()
-                await asyncio.get_running_loop().run_in_executor(None, os.fsync, out.fileno())
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        os.replace(tmp, target)
+        # Disk writes (an SD card can stall for long) go to a thread, never the event loop.
+        out = await loop.run_in_executor(None, tmp.open, "wb")
+        try:
+            while chunk := await part.read_chunk(UPLOAD_BLOCK):
+                size += len(chunk)
+                if size > cap:
+                    raise DocumentTooLarge(f"{name}: over the upload limit of {cap} bytes")
+                await loop.run_in_executor(None, out.write, chunk)
+            await loop.run_in_executor(None, _flush_and_sync, out)
+        except BaseException:
+            out.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        out.close()
+        await loop.run_in_executor(None, os.replace, tmp, target)
         yield target
+
+
+def _flush_and_sync(out: Any) -> None:
+    out.flush()
+    os.fsync(out.fileno())
 
 
 async def _stream_ingest(request: web.Request, kb: str,

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import textwrap
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,7 +52,7 @@ def load_questions(path: Path) -> list[Question]:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
     questions = [Question(r["id"], r["category"], r["document"], r["answer"], r["question"])
                  for r in rows]
-    duplicates = {q.id for q in questions if sum(p.id == q.id for p in questions) > 1}
+    duplicates = [i for i, n in Counter(q.id for q in questions).items() if n > 1]
     if duplicates:
         raise ValueError(f"{path}: duplicate question ids {sorted(duplicates)}")
     return questions
@@ -62,24 +63,24 @@ def _normalise(text: str) -> str:
     return " ".join(text.split())
 
 
-def _markdown_blocks(markdown: str) -> Iterable[tuple[str, str]]:
-    """(kind, text) per line of the small Markdown subset used by render/ sources:
-    kind is a heading level "1".."3", "row" (table row), "item" (list item) or "text"."""
+def _markdown_blocks(markdown: str) -> Iterable[tuple[str, list[str]]]:
+    """(kind, cells) per line of the small Markdown subset used by render/ sources: kind is a
+    heading level "1".."3", "row" (a table row, one cell each), "item" (list item) or "text"."""
     for line in markdown.splitlines():
         stripped = line.strip()
         if not stripped:
             continue
         if stripped.startswith("#"):
             level = len(stripped) - len(stripped.lstrip("#"))
-            yield str(level), stripped[level:].strip()
+            yield str(level), [stripped[level:].strip()]
         elif stripped.startswith("|"):
             cells = [c.strip() for c in stripped.strip("|").split("|")]
             if not all(set(c) <= set("-: ") for c in cells):  # skip the |---| separator
-                yield "row", "\t".join(cells)
+                yield "row", cells
         elif stripped.startswith("- "):
-            yield "item", stripped[2:]
+            yield "item", [stripped[2:]]
         else:
-            yield "text", stripped
+            yield "text", [stripped]
 
 
 def render_docx(markdown: str, path: Path) -> None:
@@ -95,11 +96,12 @@ def render_docx(markdown: str, path: Path) -> None:
                     table.cell(r, c).text = cell
             rows.clear()
 
-    for kind, text in _markdown_blocks(markdown):
+    for kind, cells in _markdown_blocks(markdown):
         if kind == "row":
-            rows.append(text.split("\t"))
+            rows.append(cells)
             continue
         flush_table()
+        text = cells[0]
         if kind == "item":
             document.add_paragraph(text, style="List Bullet")
         elif kind == "text":
@@ -114,11 +116,10 @@ def render_pdf(markdown: str, path: Path) -> None:
     """A plain PDF as many manuals are: wrapped Helvetica lines, a new page per chapter, table
     cells run together with spaces, no outline."""
     pages: list[list[str]] = [[]]
-    for kind, text in _markdown_blocks(markdown):
+    for kind, cells in _markdown_blocks(markdown):
         if kind == "2" and pages[-1]:
             pages.append([])
-        line = text.replace("\t", "   ") if kind == "row" else text
-        for wrapped in textwrap.wrap(line, _PDF_LINE_CHARS):
+        for wrapped in textwrap.wrap("   ".join(cells), _PDF_LINE_CHARS):
             if len(pages[-1]) >= _PDF_PAGE_LINES:
                 pages.append([])
             pages[-1].append(wrapped)

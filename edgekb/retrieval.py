@@ -3,9 +3,12 @@
 Hybrid search takes the top candidates of hnswlib (meaning) and of SQLite FTS5 BM25 (exact words:
 `session.timeout.ms`, `E-204`), then re-ranks the union by one score: the cosine similarity of
 every candidate (keyword-only ones included, from their stored vectors) plus a bonus for the share
-of the question's terms the chunk contains, and a larger one for identifiers (words with digits,
-dots or dashes) it contains verbatim. Plain rank fusion of two lists that rarely agree added
-nothing at top 3 on real manuals; scoring the union on both signals does.
+of the question's terms the chunk contains as words (light stemming: valves/valve, stopped/stop,
+but press is not compressed), and a larger one for identifiers (words with digits, dots or dashes)
+it contains verbatim. Plain rank fusion of two lists that rarely agree added nothing at top 3 on
+real manuals; scoring the union on both signals does. For CJK questions the trigram BM25 score
+joins too: the default embedder is English-only and cannot rank Chinese text.
+scripts/eval_retrieval measures the effect of these weights (tests/data/eval).
 Blocking: the server runs it on a reader thread.
 """
 
@@ -22,16 +25,21 @@ from .index import Library
 from .store import ChunkHit, Store
 
 MODES = ("hybrid", "vector", "keyword")
-CANDIDATES = 20
-TERM_WEIGHT = 0.25
-IDENTIFIER_WEIGHT = 0.3
+CANDIDATES = 20           # from each list; the union is re-ranked
+TERM_WEIGHT = 0.3         # x share of the question's terms found as words in the chunk
+IDENTIFIER_WEIGHT = 0.3   # x share of its identifiers found verbatim
+TRIGRAM_WEIGHT = 0.3      # x trigram BM25 relative to the best match (CJK questions only)
 
 _WORD = re.compile(r"[\w][\w.\-/]*[\w]|[\w]")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
 _IDENTIFIER = re.compile(r"(?=.*[\d._\-/])[\w.\-/]{3,}")
+# Question words that say nothing about the answer; as bonus terms they only add noise.
 STOPWORDS = frozenset("""a an and are as at be by can do does for from how i if in is it my of on
 or should the this to what when where which who why will with you your me we our after before
-there their then than that these those into about""".split())
+there their then than that these those into about has have had not no now its make take get gets
+got say says too very also just only cannot could would may might must shall need any all some
+each other same such here want one""".split())
+_VOWELS = frozenset("aeiouy")
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,31 @@ def query_terms(query: str) -> list[str]:
         if word and word not in STOPWORDS and not _CJK.search(word):
             seen.setdefault(word, None)
     return list(seen)
+
+
+def stem(word: str) -> str:
+    """A light English stemmer, applied alike to question terms and chunk words: plurals, -ing
+    and -ed meet their base (batteries/battery, stopped/stop, tuning/tune, bearings/bearing)."""
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith("ies"):
+        word = word[:-3] + "y"
+    elif word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        word = word[:-1]
+    for suffix in ("ing", "ed"):
+        base = word[: -len(suffix)]
+        if (word.endswith(suffix) and not word.endswith("eed") and len(base) >= 3
+                and not _VOWELS.isdisjoint(base)):
+            if len(base) > 3 and base[-1] == base[-2] and base[-1] not in "lsz":
+                base = base[:-1]  # stopped -> stopp -> stop
+            word = base
+            break
+    return word[:-1] if len(word) > 3 and word.endswith("e") else word
+
+
+def words(text: str) -> set[str]:
+    """Stemmed words of a lower-cased text, identifiers (`e-117`, `p0.08`) kept whole."""
+    return {stem(w.strip(".-/")) for w in _WORD.findall(text)}
 
 
 def fts_query(terms: Sequence[str]) -> str:
@@ -72,12 +105,16 @@ class Searcher:
         vector = self.embedder.embed(query)
         candidates: dict[int, float] = {}
         keyword_scores: dict[int, float] = {}
+        trigram_scores: dict[int, float] = {}  # relative to the best match of its kb
         for kb in kbs:
             if mode in ("hybrid", "vector"):
                 for chunk_id, score in self.library.get(kb).search(vector, CANDIDATES):
                     candidates[chunk_id] = score
             if mode in ("hybrid", "keyword"):
-                keyword_scores.update(self._keyword(store, kb, query))
+                terms, trigrams = self._keyword(store, kb, query)
+                keyword_scores.update(terms + trigrams)
+                best = max((score for _, score in trigrams), default=0.0)
+                trigram_scores.update((i, score / best) for i, score in trigrams if best > 0)
         if mode == "keyword":
             ranked = sorted(keyword_scores.items(), key=lambda kv: -kv[1])
         else:
@@ -85,32 +122,34 @@ class Searcher:
                 missing = [i for i in keyword_scores if i not in candidates]
                 candidates.update(self._cosines(store, missing, vector))
             hits = store.chunks(list(candidates))
-            ranked = sorted(((i, self._rerank(query, hits[i], s) if mode == "hybrid" else s)
-                             for i, s in candidates.items() if i in hits), key=lambda kv: -kv[1])
+            ranked = sorted(
+                ((i, self._rerank(query, hits[i], s, trigram_scores.get(i, 0.0))
+                  if mode == "hybrid" else s)
+                 for i, s in candidates.items() if i in hits), key=lambda kv: -kv[1])
         hits = store.chunks([i for i, _ in ranked[:k]])
         return [ScoredHit(hits[i], score) for i, score in ranked[:k] if i in hits]
 
-    def _keyword(self, store: Store, kb: str, query: str) -> list[tuple[int, float]]:
-        results: list[tuple[int, float]] = []
+    @staticmethod
+    def _keyword(store: Store, kb: str, query: str
+                 ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+        """BM25 matches of the question's words (porter index) and of its CJK trigrams."""
         terms = query_terms(query)
-        if terms:
-            results += store.keyword_search(kb, fts_query(terms), CANDIDATES)
         cjk = trigram_query(query)
-        if cjk:
-            results += store.keyword_search(kb, cjk, CANDIDATES, trigram=True)
-        return results
+        return (store.keyword_search(kb, fts_query(terms), CANDIDATES) if terms else [],
+                store.keyword_search(kb, cjk, CANDIDATES, trigram=True) if cjk else [])
 
     @staticmethod
     def _cosines(store: Store, ids: list[int], vector: np.ndarray) -> dict[int, float]:
         return {i: float(v @ vector) for i, v in store.chunk_vectors(ids).items()}
 
     @staticmethod
-    def _rerank(query: str, hit: ChunkHit, cosine: float) -> float:
+    def _rerank(query: str, hit: ChunkHit, cosine: float, trigram: float) -> float:
         haystack = f"{hit.title} {hit.heading} {hit.text}".lower()
         terms = query_terms(query)
-        score = cosine
+        score = cosine + TRIGRAM_WEIGHT * trigram
         if terms:
-            score += TERM_WEIGHT * sum(t in haystack for t in terms) / len(terms)
+            found = words(haystack)
+            score += TERM_WEIGHT * sum(stem(t) in found for t in terms) / len(terms)
         identifiers = [t for t in terms if _IDENTIFIER.fullmatch(t)]
         if identifiers:
             score += IDENTIFIER_WEIGHT * sum(t in haystack for t in identifiers) / len(identifiers)

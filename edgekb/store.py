@@ -60,6 +60,7 @@ class ChunkHit:
     heading: str
     page: int | None
     text: str
+    ord: int = 0          # position of the chunk in its document
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class Store:
             return {}
         marks = ",".join("?" * len(ids))
         rows = self.conn.execute(
-            "SELECT c.id, d.kb, d.path, d.title, c.heading, c.page, c.text FROM chunks c"
+            "SELECT c.id, d.kb, d.path, d.title, c.heading, c.page, c.text, c.ord FROM chunks c"
             f" JOIN documents d ON d.id = c.doc_id WHERE c.id IN ({marks})",
             list(ids),
         )

@@ -97,7 +97,7 @@ async def test_cancel_stops_generation_and_the_next_request_starts(server: Serve
         await ws.send_json({"type": "ask", "id": "next", "text": "How do I verify zero energy?"})
         seen: list[dict[str, Any]] = []
         while True:
-            event = await receive_json(ws, timeout=120)
+            event = await receive_json(ws, timeout=180)
             if event.get("id") != "long":
                 continue
             seen.append(event)

@@ -35,6 +35,14 @@ def edgekb_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def benchlib_env() -> dict[str, str]:
+    """Environment for this package's own helper processes (python -m benchlib.X)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "scripts"),
+                                                      env.get("PYTHONPATH")]))
+    return env
+
+
 @dataclass
 class Sheet:
     """Figures (numbers or null) and, for each, a note saying what it compares and how often."""
@@ -43,7 +51,7 @@ class Sheet:
     notes: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
 
-    def put(self, key: str, value: float | int | None, note: str, digits: int = 3) -> None:
+    def put(self, key: str, value: float | None, note: str, digits: int = 3) -> None:
         if isinstance(value, float):
             value = round(value, digits) if math.isfinite(value) else None
         self.figures[key] = value

@@ -96,6 +96,12 @@ class RawLlm:
     def prompt_tokens(self, prompt: str) -> list[int]:
         return self.llama.tokenize(prompt.encode(), add_bos=True, special=True)
 
+    def token_pieces(self, text: str) -> list[str]:
+        """The text as the model's tokens would stream it, one string per token."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return [decoder.decode(self.llama.detokenize([t], special=False))
+                for t in self.llama.tokenize(text.encode(), add_bos=False, special=False)]
+
     def run(self, prompt: BuiltPrompt, cached: int) -> RawRun:
         """Greedy generation of the prompt, ``cached`` prompt tokens already in the KV cache."""
         llama = self.llama

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import subprocess
 import sys
 import threading
@@ -19,17 +18,6 @@ from .common import HOST, edgekb_env, proc_status_kb
 
 READY = re.compile(r"edgekb ready on http://([\d.]+):(\d+)/")
 PROTOCOL = "edgekb.v1"
-# Enough descriptors for 5,000 connections plus the server's own files.
-SERVER_NOFILE = 12_000
-
-
-def _raise_child_nofile() -> None:
-    """preexec_fn: the server may hold thousands of sockets."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = SERVER_NOFILE if hard == resource.RLIM_INFINITY else min(SERVER_NOFILE, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
 
 @dataclass
 class Server:
@@ -43,6 +31,10 @@ class Server:
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rstrip("/").rsplit(":", 1)[1])
 
     @property
     def ws_url(self) -> str:
@@ -70,7 +62,8 @@ def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float 
     """Start `edgekb serve --port 0` with ``--set`` settings; wait for its ready line.
 
     stderr is read by a thread (and copied to ``log_path``) so the ready line is timed exactly
-    and the server never blocks on a full pipe.
+    and the server never blocks on a full pipe. It inherits the open-file limit this process
+    raised at start (__main__), enough for thousands of sockets.
     """
     args = [sys.executable, "-m", "edgekb", "serve", "--data-dir", str(data_dir),
             "--host", HOST, "--port", "0"]
@@ -78,7 +71,7 @@ def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float 
         args += ["--set", item]
     started = time.perf_counter()
     process = subprocess.Popen(args, env=edgekb_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, preexec_fn=_raise_child_nofile)
+                               stderr=subprocess.PIPE)
     ready = threading.Event()
     found: dict[str, Any] = {}
 
@@ -113,7 +106,7 @@ def run_ingest(data_dir: Path, *paths: str, demo: bool = False, timeout: float =
     if demo:
         args.append("--demo")
     result = subprocess.run(args, env=edgekb_env(), text=True, capture_output=True,
-                            timeout=timeout)
+                            timeout=timeout, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"edgekb ingest failed:\n{result.stderr[-3000:]}")
     return result

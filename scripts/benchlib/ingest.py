@@ -1,0 +1,162 @@
+"""Ingest throughput against raw onnxruntime, and the peak memory of `edgekb ingest`.
+
+edgekb's side is the whole Ingestor (read, chunk, embed, SQLite, hnswlib, save) on a generated
+folder. The raw side is tokenizers + onnxruntime with the same session options on the same
+texts (what the ingest embedded: title > heading + chunk text, read back from SQLite), in the
+same batch shapes (sorted by length, packed under edgekb's count and token budget), with the
+same mean pooling. Raw runs twice right after the ingest (the texts come from it) and the two
+are averaged.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edgekb.catalog import verify
+from edgekb.config import Settings, load_settings
+from edgekb.engines import load_embedder, make_ingestor, open_catalog, open_library
+from edgekb.ingest import embedding_text
+from edgekb.store import Store
+
+from .common import Sheet, edgekb_env, log, ratio
+from .corpus import write_manuals
+
+
+class RawEmbedder:
+    """tokenizers + onnxruntime, configured as edgekb configures them."""
+
+    def __init__(self, settings: Settings) -> None:
+        entry = open_catalog(settings).get(settings.models.embedder, kind="embedder")
+        paths = verify(settings.models_cache, entry)
+        self.dim = int(entry.settings["dim"])
+        self.batch_size = settings.embedding.batch_size
+        self.token_budget = self.batch_size * 128
+        self.tokenizer = Tokenizer.from_file(str(paths["tokenizer"]))
+        self.tokenizer.enable_truncation(max_length=int(entry.settings.get("max_tokens", 256)))
+        self.tokenizer.no_padding()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = settings.embedding.threads or min(2, os.cpu_count() or 1)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(paths["model"]), options,
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+
+    def embed_all(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """Vectors of every text, and the number of onnxruntime runs."""
+        encodings = self.tokenizer.encode_batch(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        runs = 0
+        batch: list[int] = []
+        for i in [*order, None]:
+            longest = len(encodings[i].ids) if i is not None else 0
+            if batch and (i is None or len(batch) >= self.batch_size
+                          or (len(batch) + 1) * longest > self.token_budget):
+                out[batch] = self._run([encodings[j] for j in batch])
+                runs += 1
+                batch = []
+            if i is not None:
+                batch.append(i)
+        return out, runs
+
+    def _run(self, encodings: list) -> np.ndarray:
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(encodings), width), dtype=np.int64)
+        mask = np.zeros_like(ids)
+        for row, e in enumerate(encodings):
+            ids[row, : len(e.ids)] = e.ids
+            mask[row, : len(e.ids)] = 1
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self.inputs:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        hidden = self.session.run(None, feeds)[0]
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def stored_texts(db_path: Path) -> list[str]:
+    store = Store(db_path)
+    try:
+        hits = store.chunks(store.chunk_ids("default"))
+        return [embedding_text(h.title, h.heading, h.text) for h in hits.values()]
+    finally:
+        store.close()
+
+
+def timed(fn, *args):  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    result = fn(*args)
+    return time.perf_counter() - started, result
+
+
+def peak_ingest_rss_mb(folder: Path, data_dir: Path) -> tuple[float, float, int]:
+    """(VmHWM in MB, wall seconds, exit status) of one `edgekb ingest` process.
+
+    wait4 returns that child's own peak RSS (ru_maxrss, the kernel's VmHWM at exit).
+    """
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", "edgekb", "ingest", "--data-dir",
+                                str(data_dir), str(folder)], env=edgekb_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss / 1024, time.perf_counter() - started, process.returncode
+
+
+def run(sheet: Sheet, work: Path, quick: bool) -> None:
+    target = 300 if quick else 3000
+    folder = work / "manuals"
+    write_manuals(folder, target)
+    settings = load_settings(None, env=edgekb_env(), overrides={"data_dir": work / "ingest"})
+    store = Store(settings.db_path)
+    try:
+        catalog = open_catalog(settings)
+        embedder = load_embedder(settings, catalog)
+        ingestor = make_ingestor(settings, store, embedder, open_library(settings, embedder))
+        raw = RawEmbedder(settings)
+        raw.embed_all(["warm-up"])
+        embedder.embed_batch(["warm-up"])
+        log(f"ingest: edgekb Ingestor on a generated folder (~{target} chunks)")
+        ingest_s, report = timed(ingestor.ingest, [folder])
+    finally:
+        store.close()
+    texts = stored_texts(settings.db_path)
+    chunks = report.chunks
+    log(f"ingest: {chunks} chunks in {ingest_s:.1f} s; raw onnxruntime on the same texts")
+    raw_s1, (_, runs) = timed(raw.embed_all, texts)
+    raw_s2, _ = timed(raw.embed_all, texts)
+    raw_s = (raw_s1 + raw_s2) / 2
+    sheet.put("embed_ratio", ratio(chunks / ingest_s, len(texts) / raw_s),
+              f"chunks/s of edgekb's Ingestor (read, chunk, embed, SQLite, index, save) on a "
+              f"generated folder of {chunks} chunks / chunks/s of raw tokenizers+onnxruntime on "
+              f"the same texts in the same {runs} batch shapes; 1 ingest, raw = mean of the 2 "
+              "runs that follow it")
+    embed_s = None
+    if not quick:  # a diagnostic: where a low embed_ratio comes from
+        embed_s, _ = timed(embedder.embed_batch, texts)
+        sheet.put("embed_only_ratio", ratio(len(texts) / embed_s, len(texts) / raw_s),
+                  "chunks/s of edgekb's Embedder.embed_batch alone on the same texts / raw; "
+                  "1 run")
+    sheet.put("ingest_chunks_per_s", chunks / ingest_s, "edgekb Ingestor, 1 run", 1)
+    sheet.put("raw_embed_chunks_per_s", len(texts) / raw_s, "raw onnxruntime, mean of 2", 1)
+    sheet.detail("ingest", {"chunks": chunks, "files": len(report.results),
+                            "ingest_s": round(ingest_s, 2), "raw_s": [round(raw_s1, 2),
+                                                                     round(raw_s2, 2)],
+                            "embed_only_s": embed_s and round(embed_s, 2),
+                            "onnx_runs": runs})
+    log("ingest: peak RSS of an `edgekb ingest` process on the same folder")
+    peak_mb, wall_s, status = peak_ingest_rss_mb(folder, work / "ingest-rss")
+    sheet.put("rss_peak_ingest_mb", peak_mb if status == 0 else None,
+              f"VmHWM (wait4 ru_maxrss) of one `edgekb ingest` process on the generated folder "
+              f"({chunks} chunks), 1 run" + ("" if status == 0 else f"; it exited {status}"), 1)
+    sheet.detail("ingest_process_s", round(wall_s, 1))

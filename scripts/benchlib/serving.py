@@ -1,0 +1,258 @@
+"""Everything that needs a running server, on the demo manuals, one LLM process busy at a time.
+
+Two servers, one after the other on the same data dir: the main one with default settings, then
+one with `server.compress=true` and `generation.state_cache_mb=0` (the compressed wire bytes,
+and the follow-up without prefix reuse; clients of the follow-up do not offer compression, so
+only the state cache differs for them). The raw llama-cpp-python model lives in this process
+and runs only while the server is idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from . import connections, wire
+from .common import Sheet, log, median, ratio
+from .llm import (
+    FOLLOW_UP,
+    INTERLEAVED,
+    QUESTIONS,
+    BuiltPrompt,
+    RawLlm,
+    bench_settings,
+    build_prompts,
+    same_text,
+    summarize_pair,
+)
+from .server import Answer, Server, ask, connect, follow, run_ingest, send_ask, start_server
+
+DETERMINISTIC = ("generation.temperature=0",)
+QUEUE_CLIENTS = 3
+
+
+async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
+                       ) -> list[dict[str, Any]]:
+    """Each question once through the server (new session), then raw with the same prompt and
+    the same cached prefix the server had."""
+    pairs = []
+    async with aiohttp.ClientSession() as http:
+        for number, prompt in enumerate(prompts):
+            ws, _ = await connect(http, server.ws_url)
+            answer = await ask(ws, f"s{number}", prompt.question)
+            await ws.close()
+            done = answer.done
+            run = raw.run(prompt, done["usage"].get("cached_prompt_tokens", 0))
+            pair = summarize_pair(prompt, done, run, answer.client_tokens_per_s(),
+                                  answer.ttft_ms)
+            log(f"  {prompt.question[:40]}…: server {pair['server_client_tokens_per_s'] or 0:.1f}"
+                f" tok/s, raw {pair['raw_tokens_per_s'] or 0:.1f} tok/s; TTFT server "
+                f"{pair['server_ttft_ms']:.0f} ms, raw retrieval+prompt "
+                f"{pair['raw_retrieval_ms'] + pair['raw_ttft_ms']:.0f} ms")
+            pairs.append(pair)
+    return pairs
+
+
+async def follow_up(server: Server, tag: str) -> Answer:
+    """A three-question conversation with another session's question before the third."""
+    async with aiohttp.ClientSession() as http:
+        ws, _ = await connect(http, server.ws_url)
+        await ask(ws, f"{tag}-1", FOLLOW_UP[0])
+        await ask(ws, f"{tag}-2", FOLLOW_UP[1])
+        other, _ = await connect(http, server.ws_url)
+        await ask(other, f"{tag}-x", INTERLEAVED)
+        third = await ask(ws, f"{tag}-3", FOLLOW_UP[2])
+        await other.close()
+        await ws.close()
+    return third
+
+
+async def queue_waits(server: Server, rounds: int) -> tuple[list[float], list[list[int]]]:
+    """Three clients ask at once; ms until each got its first `queued`, then all cancel."""
+    waits: list[float] = []
+    positions: list[list[int]] = []
+    async with aiohttp.ClientSession() as http:
+        for round_ in range(rounds):
+            sockets = [ws for ws, _ in await asyncio.gather(
+                *(connect(http, server.ws_url) for _ in range(QUEUE_CLIENTS)))]
+            ids = [f"q{round_}-{i}" for i in range(QUEUE_CLIENTS)]
+            answers = await asyncio.gather(*(send_ask(ws, rid, QUESTIONS[i % len(QUESTIONS)])
+                                             for i, (ws, rid) in enumerate(zip(sockets, ids))))
+            await asyncio.gather(*(follow(ws, rid, a, timeout=60, until="queued")
+                                   for ws, rid, a in zip(sockets, ids, answers)))
+            waits += [(a.first_queued_at - a.sent_at) * 1000 for a in answers
+                      if a.first_queued_at is not None]
+            positions.append([a.events[-1].get("position", -1) for a in answers])
+            for ws, rid in zip(sockets, ids):
+                await ws.send_str(json.dumps({"type": "cancel", "id": rid}))
+            await asyncio.gather(*(follow(ws, rid, a, timeout=120)
+                                   for ws, rid, a in zip(sockets, ids, answers)))
+            for ws in sockets:
+                await ws.close()
+    return waits, positions
+
+
+def record_stream(sheet: Sheet, pairs: list[dict[str, Any]]) -> None:
+    n = len(pairs)
+    client = [ratio(p["server_client_tokens_per_s"], p["raw_tokens_per_s"]) for p in pairs]
+    worker = [ratio(p["server_worker_tokens_per_s"], p["raw_tokens_per_s"]) for p in pairs]
+    same = all(p["same_prompt"] and p["same_text"] for p in pairs)
+    check = "prompts and answers identical on both sides" if same else \
+        "WARNING: some prompt or answer differs between server and raw (see details.stream)"
+    sheet.put("stream_ratio", median([r for r in client if r is not None]) if any(client)
+              else None,
+              f"generation tokens/s through the whole server (WebSocket client on loopback, "
+              f"temperature 0, (tokens-1)/(last delta - first delta)) / raw llama-cpp-python "
+              f"generate loop on the same prompt with the same cached prefix; median of the "
+              f"per-question ratios over {n} questions, server and raw alternating; {check}")
+    sheet.put("stream_ratio_worker", median([r for r in worker if r is not None])
+              if any(worker) else None,
+              "the same with the server's own done.timings.tokens_per_s (LLM worker thread)")
+    sheet.put("ttft_overhead_ms", median([p["ttft_overhead_ms"] for p in pairs]),
+              f"server time to first token (client: ask sent -> first delta) minus (retrieval "
+              f"ms measured in-process with edgekb's Searcher, median of 3 + raw "
+              f"llama-cpp-python time to first token of the same prompt with the same cached "
+              f"prefix); median over {n} questions", 1)
+    sheet.put("ttft_ms", median([p["server_ttft_ms"] for p in pairs]),
+              f"server time to first token, client-measured, median over {n} questions", 1)
+    sheet.detail("stream", pairs)
+
+
+def record_follow_up(sheet: Sheet, reuse: list[Answer], fresh: list[Answer]) -> None:
+    def usage(a: Answer) -> dict[str, Any]:
+        done = a.done
+        return {"ttft_ms": round(a.ttft_ms, 1), "server_prompt_ms": done["timings"]["prompt_ms"],
+                **done["usage"]}
+
+    same = all(a.done["usage"]["prompt_tokens"] == b.done["usage"]["prompt_tokens"]
+               for a in reuse for b in fresh)
+    sheet.put("followup_ttft_ratio", ratio(median([a.ttft_ms for a in reuse]),
+                                           median([a.ttft_ms for a in fresh])),
+              f"TTFT of the 3rd question of a conversation (another session asked in between) "
+              f"on the default server (KV state cache restores the session's prefix) / the same "
+              f"question on a server with generation.state_cache_mb=0; medians of {len(reuse)} "
+              f"and {len(fresh)} conversations; "
+              + ("same prompt tokens on both" if same else "WARNING: prompts differ"))
+    sheet.detail("followup", {"reuse": [usage(a) for a in reuse],
+                              "no_reuse": [usage(a) for a in fresh]})
+
+
+async def many_connections(sheet: Sheet, server: Server, quick: bool, question: str,
+                           raw_tokens_per_s: float | None) -> None:
+    counts = [1000] if quick else [1000, 5000]
+    settle = 2.0 if quick else 25.0  # full: longer than heartbeat_s, so pings go both ways
+    async with connections.client_session() as http:
+        pool = connections.IdlePool(http)
+        log("connections: 1,000 idle connections to the server")
+        per = {1000: await connections.idle_growth_kb(server.pid, server.ws_url, http, pool,
+                                                      1000, settle)}
+        log("connections: loop lag while 100 connections follow one answer")
+        lag = await connections.loop_lag(server, http, question, 100, 2.0)
+        if not quick:
+            log("connections: 5,000 idle connections to the server")
+            per[5000] = await connections.idle_growth_kb(server.pid, server.ws_url, http, pool,
+                                                         5000, settle)
+        closed = pool.closed_by_server
+        await pool.close()
+    log("connections: the same idle connections to a bare aiohttp server")
+    raw = await connections.raw_baseline(counts, settle)
+    held = f"held {settle:.0f} s, server heartbeat at its default"
+    sheet.put("rss_per_idle_conn_kb", per[1000],
+              f"server VmRSS growth / 1,000 idle WebSocket connections ({held}); 1 run", 1)
+    sheet.put("rss_per_idle_conn_ratio", ratio(per[1000], raw[1000]),
+              "the same / a bare aiohttp WebSocket server (heartbeat=20) holding 1,000 idle "
+              "connections in the same run")
+    if not quick:
+        sheet.put("rss_per_idle_conn_kb_5000", per[5000],
+                  f"server VmRSS growth per connection from 1,000 to 5,000 idle ({held}); 1 run",
+                  1)
+        sheet.put("rss_per_idle_conn_ratio_5000", ratio(per[5000], raw[5000]),
+                  "the same / bare aiohttp from 1,000 to 5,000")
+    sheet.put("loop_lag_p99_ms", lag["busy_p99_ms"],
+              f"p99 round trip of application pings (every 20 ms, own process, own connection)"
+              f" while 100 connections of one session follow one answer (1 asked, 99 resumed) "
+              f"and 1,000 idle connections are held; {lag['busy_samples']} samples; an upper "
+              f"bound of the server's loop lag", 2)
+    sheet.put("loop_lag_idle_p99_ms", lag["idle_p99_ms"],
+              f"the same with only the idle connections, before the answer "
+              f"({lag['idle_samples']} samples): the floor of the measurement", 2)
+    answer: Answer = lag.pop("answer")
+    sheet.put("stream_ratio_100_followers", ratio(answer.client_tokens_per_s(),
+                                                  raw_tokens_per_s),
+              "tokens/s seen by the asking client while 100 follow / raw llama-cpp-python "
+              "tokens/s of the same question measured earlier in the run; 1 answer")
+    sheet.detail("loop_lag", {**{k: round(v, 2) if isinstance(v, float) else v
+                                 for k, v in lag.items()},
+                              "idle_closed_by_server": closed})
+    sheet.detail("idle_conn_kb", {"edgekb": {k: round(v, 2) for k, v in per.items()},
+                                  "raw_aiohttp": {k: round(v, 2) for k, v in raw.items()}})
+
+
+async def run(sheet: Sheet, work: Path, quick: bool) -> None:
+    demo = work / "demo"
+    log("server: ingesting the demo manuals")
+    run_ingest(demo, demo=True)
+    settings = bench_settings(demo)
+    raw = RawLlm(settings)
+    try:
+        prompts = build_prompts(settings, raw, QUESTIONS[: 3 if quick else 6])
+        log("server: starting the main server")
+        main = start_server(demo, work / "serve-main.log", *DETERMINISTIC)
+        try:
+            sheet.put("startup_s", main.startup_s,
+                      "seconds from spawning `edgekb serve` to its ready line (models verified "
+                      "and loaded, index loaded); 1 run", 2)
+            sheet.put("rss_startup_mb", main.rss_ready_kb / 1024,
+                      "server VmRSS when it printed the ready line; 1 run", 1)
+            log("stream: server and raw llama-cpp-python, question by question")
+            pairs = await stream_pairs(main, raw, prompts)
+            record_stream(sheet, pairs)
+            log("follow-up: with prefix reuse")
+            reuse = [await follow_up(main, f"fr{i}") for i in range(1 if quick else 3)]
+            log("queue: three clients ask at once")
+            waits, positions = await queue_waits(main, 1 if quick else 3)
+            sheet.put("queue_position_ms_max", max(waits) if waits else None,
+                      f"three clients ask at once: the longest time from sending ask to its "
+                      f"first queued event, over {len(waits)} asks", 1)
+            sheet.detail("queue", {"waits_ms": [round(w, 1) for w in waits],
+                                   "first_positions": positions})
+            log("wire: one answer through a counting proxy")
+            plain_run = await wire.answer_bytes(main.port, QUESTIONS[0], 0)
+            plain = wire.compare(plain_run, raw.token_pieces, raw.entry.name)
+            sheet.put("wire_bytes_ratio", plain["ratio"],
+                      "server->client TCP bytes of one whole answer over our WebSocket "
+                      "(handshake and close included, counted by a proxy) / the same answer as "
+                      "OpenAI chat.completion.chunk SSE events, one per token, with HTTP "
+                      "headers and chunked framing; 1 answer")
+            sheet.put("rss_peak_answer_mb", main.hwm_kb() / 1024,
+                      f"server VmHWM after {len(pairs) + 4 * len(reuse) + 1} answers "
+                      "(before the connection benchmarks)", 1)
+            await many_connections(sheet, main, quick, QUESTIONS[0],
+                                   pairs[0]["raw_tokens_per_s"])
+        finally:
+            main.stop()
+        log("server: starting a server with compression on and no KV state cache")
+        alt = start_server(demo, work / "serve-alt.log", *DETERMINISTIC,
+                           "server.compress=true", "generation.state_cache_mb=0")
+        try:
+            log("follow-up: without prefix reuse")
+            fresh = [await follow_up(alt, f"fn{i}") for i in range(1 if quick else 3)]
+            record_follow_up(sheet, reuse, fresh)
+            log("wire: one answer with permessage-deflate")
+            deflated = await wire.answer_bytes(alt.port, QUESTIONS[0], 15)
+        finally:
+            alt.stop()
+        compressed = wire.compare(deflated, raw.token_pieces, raw.entry.name)
+        sheet.put("wire_bytes_ratio_compressed", ratio(compressed["ws_bytes"],
+                                                       plain["sse_bytes"]),
+                  "the same with server.compress=true and a client offering permessage-deflate"
+                  " (aiohttp compress=15) / the uncompressed SSE baseline; 1 answer"
+                  + ("" if same_text(deflated.text, plain_run.text) else
+                     "; WARNING: the answer differs from the uncompressed one"))
+        sheet.detail("wire", {"plain": plain, "compressed": compressed})
+    finally:
+        raw.close()

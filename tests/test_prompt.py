@@ -1,0 +1,67 @@
+"""Prompts fit the context window by priority, with the model's own tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgekb.catalog import Catalog, default_manifest_path, fetch
+from edgekb.config import GenerationSettings, ModelsSettings, Settings
+from edgekb.engines import load_llm, prompt_builder
+from edgekb.sessions import Turn
+from edgekb.store import ChunkHit
+
+
+def hit(n: int, words: int) -> ChunkHit:
+    text = " ".join(f"step{n}-{i} torque the flange bolt" for i in range(words // 5))
+    return ChunkHit(n, "default", f"/docs/manual-{n}.md", f"Manual {n}", "Maintenance", None, text)
+
+
+def turn(n: int, words: int) -> Turn:
+    return Turn(n, f"r{n}", f"question number {n}?", " ".join(["answer"] * words), [], "stop", 0.0)
+
+
+@pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
+def engine(request: pytest.FixtureRequest, models_cache: Path, tmp_path_factory):
+    if request.param != "gemma3-270m":  # the small model for 512 MB boards, chat template
+        fetch(models_cache, Catalog.load(default_manifest_path()).get(request.param))
+    settings = Settings(data_dir=tmp_path_factory.mktemp("p"),
+                        models=ModelsSettings(cache_dir=str(models_cache), llm=request.param),
+                        generation=GenerationSettings(max_tokens=256))
+    catalog = Catalog.load(default_manifest_path())
+    llm, entry = load_llm(settings, catalog)
+    yield llm, prompt_builder(settings, llm, entry), entry
+    llm.close()
+
+
+def test_prompt_never_overflows_and_keeps_priorities(engine) -> None:
+    llm, builder, entry = engine
+    question = "What torque for the flange bolts on line 3?"
+    hits = [hit(i, 400) for i in range(1, 9)]  # far more than the window holds
+    history = [turn(i, 300) for i in range(1, 7)]
+    prompt = builder.build(question, hits, history)
+    tokens = llm.count_tokens(prompt.text)
+    assert tokens <= llm.n_ctx - 256, tokens
+    assert question in prompt.text
+    assert 1 <= prompt.sources_used < len(hits)
+    # Sources are kept from the best-ranked down; the rest are dropped.
+    assert "step1-0" in prompt.text and "step8-0" not in prompt.text
+    # Turns that fit are the newest ones.
+    if prompt.turns_used:
+        assert "question number 6?" in prompt.text and "question number 1?" not in prompt.text
+
+
+def test_short_prompt_keeps_everything_in_order(engine) -> None:
+    llm, builder, entry = engine
+    prompt = builder.build("Where is the reset button?", [hit(1, 30), hit(2, 30)],
+                           [turn(1, 10), turn(2, 10)])
+    assert prompt.sources_used == 2 and prompt.turns_used == 2
+    text = prompt.text
+    # What stays between follow-ups comes first, so the KV cache can reuse it.
+    assert text.index("question number 1?") < text.index("question number 2?") \
+        < text.index("[1] Manual 1") < text.index("Where is the reset button?")
+    if entry.settings.get("prompt_format") == "chat":
+        assert "<|im_start|>" in text and text.rstrip().endswith("assistant")
+    else:
+        assert text.endswith("Answer:")
