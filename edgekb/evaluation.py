@@ -129,10 +129,9 @@ def render_pdf(markdown: str, path: Path) -> None:
 def _pdf_bytes(pages: Sequence[Sequence[str]]) -> bytes:
     count = len(pages)
     kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(count))
+    font = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"
     objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               f"<< /Type /Pages /Kids [{kids}] /Count {count} >>".encode(),
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica"
-               b" /Encoding /WinAnsiEncoding >>"]
+               f"<< /Type /Pages /Kids [{kids}] /Count {count} >>".encode(), font]
     for i, lines in enumerate(pages):
         ops = b"".join(b"BT /F1 10 Tf 56 %d Td (%s) Tj ET\n" % (770 - 15 * j, _pdf_string(line))
                        for j, line in enumerate(lines))

@@ -14,6 +14,7 @@ Blocking: the server runs it on a reader thread.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ there their then than that these those into about has have had not no now its ma
 got say says too very also just only cannot could would may might must shall need any all some
 each other same such here want one""".split())
 _VOWELS = frozenset("aeiouy")
+_EDGE = "\"'`*()[]{}<>|,;:!?.-/=+#~"  # punctuation that may enclose a word in a chunk
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ def query_terms(query: str) -> list[str]:
     return list(seen)
 
 
+@functools.lru_cache(maxsize=1 << 14)  # a manual's vocabulary repeats: stem each word once
 def stem(word: str) -> str:
     """A light English stemmer, applied alike to question terms and chunk words: plurals, -ing
     and -ed meet their base (batteries/battery, stopped/stop, tuning/tune, bearings/bearing)."""
@@ -78,8 +81,19 @@ def stem(word: str) -> str:
 
 
 def words(text: str) -> set[str]:
-    """Stemmed words of a lower-cased text, identifiers (`e-117`, `p0.08`) kept whole."""
-    return {stem(w.strip(".-/")) for w in _WORD.findall(text)}
+    """Stemmed words of a lower-cased text, identifiers (`e-117`, `p0.08`) kept whole.
+    str.split, not _WORD: it runs on every candidate and the regex costs 3x more."""
+    text = text.replace("'", " ").replace("\u2019", " ")  # gateway's -> gateway s, as in queries
+    return {stem(w.strip(_EDGE)) for w in set(text.split())}
+
+
+@functools.lru_cache(maxsize=256)  # the same question is scored against every candidate
+def _question(query: str) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]:
+    """A question's stemmed terms, its identifiers and its CJK bigrams."""
+    terms = query_terms(query)
+    runs = _CJK.findall(query)
+    return (tuple(stem(t) for t in terms), tuple(t for t in terms if _IDENTIFIER.fullmatch(t)),
+            frozenset(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1))))
 
 
 def fts_query(terms: Sequence[str]) -> str:
@@ -145,16 +159,13 @@ class Searcher:
     @staticmethod
     def _rerank(query: str, hit: ChunkHit, cosine: float, trigram: float) -> float:
         haystack = f"{hit.title} {hit.heading} {hit.text}".lower()
-        terms = query_terms(query)
+        stems, identifiers, grams = _question(query)
         score = cosine + TRIGRAM_WEIGHT * trigram
-        if terms:
+        if stems:
             found = words(haystack)
-            score += TERM_WEIGHT * sum(stem(t) in found for t in terms) / len(terms)
-        identifiers = [t for t in terms if _IDENTIFIER.fullmatch(t)]
+            score += TERM_WEIGHT * sum(t in found for t in stems) / len(stems)
         if identifiers:
             score += IDENTIFIER_WEIGHT * sum(t in haystack for t in identifiers) / len(identifiers)
-        cjk_runs = _CJK.findall(query)
-        if cjk_runs:
-            grams = {r[i : i + 2] for r in cjk_runs for i in range(max(1, len(r) - 1))}
+        if grams:
             score += TERM_WEIGHT * sum(g in haystack for g in grams) / len(grams)
         return score

@@ -314,8 +314,8 @@ async def _interrupt_then_resume(data_dir: Path, models_cache: Path, request_id:
                     event = await receive_json(ws, timeout=120)
                     assert event["type"] not in ENDS, f"ended before the stop: {event}"
                     seen.append(event)
-                    if sum(e["type"] == "delta" for e in seen) >= 3:
-                        break
+                    if event["type"] == "delta":
+                        break  # stop right as the answer starts streaming
                 if hard:
                     srv.process.kill()
                     await asyncio.to_thread(srv.process.wait, 30)

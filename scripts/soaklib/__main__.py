@@ -27,13 +27,12 @@ from .client import Stats, demo_questions, run_client
 from .server import REPO, SERVER_PORT, Server, edgekb_env, prepare_data_dir
 
 sys.path.insert(0, str(REPO / "tests"))
-from faultproxy import FaultProxy  # noqa: E402  (a test helper, reused as is)
+from faultproxy import FaultProxy  # a test helper, reused as is
 
 PROXY_LATENCY_S = 0.08
 PROXY_CUT_EVERY_S = (3.0, 10.0)
 PROGRESS_EVERY_S = 10.0
-WARMUP_SHARE = 0.4    # RSS "after warm-up" at the latest this far into the run
-MAX_DRAIN_S = 120.0   # after the duration, how long a request in flight may still take
+WARMUP_SHARE = 0.5    # RSS "after warm-up" once every client had an answer, or by this share
 READY_TIMEOUT_S = 300.0
 
 
@@ -46,12 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="link bandwidth each way, kbit/s (default 256)")
     parser.add_argument("--loss-pct", type=float, default=5.0,
                         help="random packet loss each way, percent (default 5)")
+    parser.add_argument("--drain", type=float, default=180.0,
+                        help="seconds a request in flight at the end may still take (default 180)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra server setting, e.g. generation.threads=1 (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: pid)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or not 1 <= args.clients <= 100 or args.rate_kbit < 8 \
+    if args.duration <= 0 or args.drain < 0 or not 1 <= args.clients <= 100 or args.rate_kbit < 8 \
             or not 0 <= args.loss_pct < 100:
-        parser.error("need --duration > 0, 1 <= --clients <= 100, --rate-kbit >= 8, "
+        parser.error("need --duration > 0, --drain >= 0, 1 <= --clients <= 100, --rate-kbit >= 8, "
                      "0 <= --loss-pct < 100")
     return args
 
@@ -96,8 +99,8 @@ async def soak(args: argparse.Namespace, server: Server, link: BadLink,
     peak = rss["start"] or 0.0
     start = time.monotonic()
     stop_at = start + args.duration
-    give_up_at = stop_at + min(MAX_DRAIN_S, max(30.0, args.duration / 2))
-    warm_requests = max(args.clients, 3)
+    give_up_at = stop_at + args.drain
+    warmup_s: float | None = None
     cutter = asyncio.create_task(_cut_at_random(proxy, stop_at, rng))
     clients = [asyncio.create_task(run_client(
         i, proxy.ws_url() if i % 2 else server.url, stop_at, give_up_at, stats, questions,
@@ -110,9 +113,9 @@ async def soak(args: argparse.Namespace, server: Server, link: BadLink,
             now = time.monotonic()
             current = server.rss_mib()
             peak = max(peak, current or 0.0)
-            if rss["after_warmup"] is None and (stats.completed >= warm_requests
-                                                or now >= start + args.duration * WARMUP_SHARE):
-                rss["after_warmup"] = current
+            if warmup_s is None and (stats.completed >= args.clients
+                                     or now >= start + args.duration * WARMUP_SHARE):
+                rss["after_warmup"], warmup_s = current, round(now - start, 1)
             if now >= next_progress:
                 next_progress += PROGRESS_EVERY_S
                 log(f"t={now - start:.0f}s completed={stats.completed} resumes={stats.resumes} "
@@ -131,11 +134,11 @@ async def soak(args: argparse.Namespace, server: Server, link: BadLink,
         await proxy.close()
     rss["end"] = server.rss_mib()
     elapsed = time.monotonic() - start
-    return report(args, stats, rss, peak, proxy.cuts, elapsed, seed)
+    return report(args, stats, rss, peak, warmup_s, proxy.cuts, elapsed, seed)
 
 
 def report(args: argparse.Namespace, stats: Stats, rss: dict[str, float | None], peak: float,
-           cuts: int, elapsed: float, seed: int) -> dict[str, Any]:
+           warmup_s: float | None, cuts: int, elapsed: float, seed: int) -> dict[str, Any]:
     warm, end = rss["after_warmup"], rss["end"]
     growth = round(end - warm, 1) if warm is not None and end is not None else None
     ok = (stats.completed > 0 and stats.lost_events == 0 and stats.duplicated_events == 0
@@ -149,6 +152,7 @@ def report(args: argparse.Namespace, stats: Stats, rss: dict[str, float | None],
         "rate_kbit": args.rate_kbit,
         "loss_pct": args.loss_pct,
         "proxy_latency_ms": round(PROXY_LATENCY_S * 1000),
+        "server_settings": args.set,
         "seed": seed,
         "requests_started": stats.started,
         "requests_completed": stats.completed,
@@ -164,6 +168,7 @@ def report(args: argparse.Namespace, stats: Stats, rss: dict[str, float | None],
         "errors": dict(sorted(stats.errors.items())),
         "request_s": _spread(stats.request_s),
         "server_total_s": _spread(stats.server_total_s),
+        "warmup_s": warmup_s,
         "rss_mib": {"start": rss["start"], "after_warmup": warm, "end": end, "peak": peak,
                     "growth_after_warmup": growth},
     }
@@ -221,7 +226,7 @@ def _run(args: argparse.Namespace, tag: int, seed: int, env: dict[str, str]) -> 
             queue_cap = min(100, max(3, args.clients))
             server = Server(link, data_dir, Path(tmp) / "serve.log", env, [
                 "generation.max_tokens=64", f"queue.max_per_user={queue_cap}",
-                f"queue.max_waiting={max(16, args.clients)}"])
+                f"queue.max_waiting={max(16, args.clients)}", *args.set])
             try:
                 server.wait_ready(READY_TIMEOUT_S)
                 log(f"server ready (pid {server.process.pid}); {args.clients} clients for "

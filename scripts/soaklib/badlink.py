@@ -34,7 +34,8 @@ class BadLink:
 
 
 def _run(*args: str, stdin: str | None = None) -> None:
-    result = subprocess.run(list(args), input=stdin, text=True, capture_output=True, timeout=60)
+    result = subprocess.run(list(args), input=stdin, text=True, capture_output=True, timeout=60,
+                            check=False)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip()}")
 
@@ -120,17 +121,17 @@ def _teardown(link: BadLink, made_namespace: bool, made_table: bool) -> None:
     if made_namespace:
         steps.append(["ip", "netns", "del", link.namespace])  # the ns-side nft table goes too
     for step in steps:
-        subprocess.run(step, capture_output=True, timeout=60)
+        subprocess.run(step, capture_output=True, timeout=60, check=False)
     leftovers = []
     names = subprocess.run(["ip", "netns", "list"], text=True, capture_output=True,
-                           timeout=30).stdout
+                           timeout=30, check=False).stdout
     if link.namespace in names.split():
         leftovers.append(f"namespace {link.namespace}")
     if subprocess.run(["ip", "link", "show", link.host_dev], capture_output=True,
-                      timeout=30).returncode == 0:
+                      timeout=30, check=False).returncode == 0:
         leftovers.append(f"device {link.host_dev}")
     if made_table and subprocess.run(["nft", "list", "table", "netdev", link.table],
-                                     capture_output=True, timeout=30).returncode == 0:
+                                     capture_output=True, timeout=30, check=False).returncode == 0:
         leftovers.append(f"nft table netdev {link.table}")
     if leftovers:
         print(f"soak: could not remove {', '.join(leftovers)}", file=sys.stderr)

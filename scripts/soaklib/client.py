@@ -35,7 +35,7 @@ REJOIN_S = (0.1, 1.0)    # how long a dropped client takes to come back
 
 
 def demo_questions() -> list[str]:
-    rows = re.findall(r"^\| ([^|]+\?) \|", QUESTIONS_FILE.read_text(), re.M)
+    rows = re.findall(r"^\| ([^|]+\?) \|", QUESTIONS_FILE.read_text(), re.MULTILINE)
     if not rows:
         raise RuntimeError(f"no questions found in {QUESTIONS_FILE}")
     return [row.strip() for row in rows]

@@ -29,7 +29,8 @@ def edgekb_env() -> dict[str, str]:
 
 def prepare_data_dir(data_dir: Path, env: dict[str, str]) -> None:
     result = subprocess.run([sys.executable, "-m", "edgekb", "ingest", "--demo", "--data-dir",
-                             str(data_dir)], env=env, text=True, capture_output=True, timeout=900)
+                             str(data_dir)], env=env, text=True, capture_output=True, timeout=900,
+                            check=False)
     if result.returncode != 0:
         raise RuntimeError(f"edgekb ingest --demo failed:\n{result.stderr}")
 
@@ -51,7 +52,7 @@ class Server:
                 [*link.exec_prefix(), sys.executable, "-m", "edgekb", "serve", "--data-dir",
                  str(data_dir), "--host", link.ns_addr, "--port", str(SERVER_PORT), *sets],
                 env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
-                preexec_fn=_die_with_parent)
+                preexec_fn=_die_with_parent)  # noqa: PLW1509 (no threads exist yet)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -72,7 +73,7 @@ class Server:
             status = Path(f"/proc/{self.process.pid}/status").read_text()
         except OSError:
             return None
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.M)
+        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
         return round(int(match[1]) / 1024, 1) if match else None
 
     def tail(self, lines: int = 30) -> str:
