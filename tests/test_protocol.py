@@ -359,7 +359,7 @@ async def _interrupt_then_resume(data_dir: Path, models_cache: Path, request_id:
     assert end["type"] == "error" and end["code"] == "interrupted", end
     assert end["text"] == text_of(seen + rest.events), (
         "the interrupted error carries exactly the text that was written")
-    assert end["text"].strip()
+    assert end["text"]
 
 
 async def test_resume_after_a_graceful_restart_ends_with_interrupted(
@@ -475,16 +475,27 @@ async def test_two_connections_of_one_session_follow_the_same_live_answer(
 
 # --- 6. history -----------------------------------------------------------------------------
 
+async def _history(ws: aiohttp.ClientWebSocketResponse, **fields: Any) -> dict[str, Any]:
+    await ws.send_json({"type": "history", **fields})
+    page = await receive_json(ws)
+    assert page["type"] == "history", page
+    return page
+
+
 async def test_history_returns_the_turns_in_order_with_paging(fast_server: Server) -> None:
     async with aiohttp.ClientSession() as http, connect(http, fast_server.ws_url) as ws:
         session = (await receive_json(ws))["session"]
         one = await ask_in_session(ws, "h1", DEMO_QUESTION)
         two = await ask_in_session(ws, "h2", OTHER_QUESTION)
+        right_after_done = await _history(ws)  # what a page shows when it reloads now
+        page = right_after_done
+        for _ in range(50):  # bounded: 5 s for the last turn to be recorded
+            if len(page["turns"]) >= 2:
+                break
+            await asyncio.sleep(0.1)
+            page = await _history(ws)
 
-        await ws.send_json({"type": "history"})
-        page = await receive_json(ws)
-        assert page["type"] == "history" and page["session"] == session
-        assert page["more"] is False
+        assert page["session"] == session and page["more"] is False
         turns = page["turns"]
         assert [(t["id"], t["question"]) for t in turns] == [("h1", DEMO_QUESTION),
                                                               ("h2", OTHER_QUESTION)]
@@ -494,12 +505,15 @@ async def test_history_returns_the_turns_in_order_with_paging(fast_server: Serve
         assert turns[0]["turn"] < turns[1]["turn"] and turns[0]["at"] <= turns[1]["at"]
         assert turns[0]["sources"] and turns[0]["sources"][0]["doc"] == "pump-manual.md"
 
-        await ws.send_json({"type": "history", "limit": 1})
-        newest = await receive_json(ws)
+        newest = await _history(ws, limit=1)
         assert [t["id"] for t in newest["turns"]] == ["h2"] and newest["more"] is True
-        await ws.send_json({"type": "history", "limit": 1, "before": newest["turns"][0]["turn"]})
-        older = await receive_json(ws)
+        older = await _history(ws, limit=1, before=newest["turns"][0]["turn"])
         assert older["turns"] == [turns[0]] and older["more"] is False
+
+    assert right_after_done == page, (
+        "BUG: history asked right after `done` of h2 lacks that turn "
+        f"({[t['id'] for t in right_after_done['turns']]}): done is sent before the turn "
+        "is written")
 
 
 # --- 7. cancel ------------------------------------------------------------------------------

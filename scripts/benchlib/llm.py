@@ -45,6 +45,9 @@ FOLLOW_UP = (
     "And what should I check before restarting it?",
 )
 INTERLEAVED = "Can a supervisor remove a lock if the owner went home?"
+# Asked once and cancelled at its first token: the server's first answer also allocates
+# llama.cpp's compute buffers, which the raw side did at its own first run.
+WARM_UP = "What is the default value of unload.pressure.bar?"
 
 
 def bench_settings(data_dir: Path) -> Settings:
@@ -101,6 +104,11 @@ class RawLlm:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         return [decoder.decode(self.llama.detokenize([t], special=False))
                 for t in self.llama.tokenize(text.encode(), add_bos=False, special=False)]
+
+    def warm_up(self, prompt: BuiltPrompt) -> None:
+        """Read one prompt untimed, as the server's warm-up answer does."""
+        self.llama.reset()
+        self.llama.eval(prompt.tokens)
 
     def run(self, prompt: BuiltPrompt, cached: int) -> RawRun:
         """Greedy generation of the prompt, ``cached`` prompt tokens already in the KV cache."""

@@ -22,6 +22,7 @@ from .llm import (
     FOLLOW_UP,
     INTERLEAVED,
     QUESTIONS,
+    WARM_UP,
     BuiltPrompt,
     RawLlm,
     bench_settings,
@@ -41,6 +42,12 @@ async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
     the same cached prefix the server had."""
     pairs = []
     async with aiohttp.ClientSession() as http:
+        ws, _ = await connect(http, server.ws_url)
+        warm = await follow(ws, "warm", await send_ask(ws, "warm", WARM_UP), until="delta")
+        await ws.send_str(json.dumps({"type": "cancel", "id": "warm"}))
+        await follow(ws, "warm", warm)
+        await ws.close()
+        raw.warm_up(prompts[0])
         for number, prompt in enumerate(prompts):
             ws, _ = await connect(http, server.ws_url)
             answer = await ask(ws, f"s{number}", prompt.question)

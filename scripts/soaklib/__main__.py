@@ -89,7 +89,8 @@ async def soak(args: argparse.Namespace, server: Server, link: BadLink,
     assert isinstance(loop, _NamespaceLoop)
     loop.redirect[("127.0.0.1", SERVER_PORT)] = link.ns_addr
     proxy = await FaultProxy(SERVER_PORT).start()
-    if proxy.port == SERVER_PORT:
+    if proxy.port == SERVER_PORT:  # the redirect would also catch the clients' dials
+        await proxy.close()
         raise RuntimeError("the proxy got the server's port number: run again")
     proxy.latency_s = PROXY_LATENCY_S
     rng = random.Random(seed)
@@ -211,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         log(f"failed: {exc}")
         return 2
+    except KeyboardInterrupt:
+        log("interrupted")  # everything was already removed on the way out
+        return 130
     print(json.dumps(result, indent=2) if args.json else table(result))
     return 0 if result["ok"] else 1
 

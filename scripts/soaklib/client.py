@@ -115,7 +115,7 @@ async def _one_request(http: aiohttp.ClientSession, url: str, request: _Request,
 
 
 def _drop(ws: aiohttp.ClientWebSocketResponse) -> None:
-    """Vanish like a phone leaving Wi-Fi: no close frame, the socket just goes."""
+    """Go away like a phone leaving Wi-Fi: no WebSocket close frame, the TCP link just ends."""
     sock = ws.get_extra_info("socket")
     if sock is not None:
         sock.shutdown(socket.SHUT_RDWR)
