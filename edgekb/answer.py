@@ -125,6 +125,15 @@ class AnswerEngine:
                     yield {"type": "delta", "text": chunk}
                 yield self._done(item, "".join(text), started, retrieval_ms, first_token_at)
 
+    async def prefill(self, history: Sequence[Turn], cache_key: str,
+                      cancel: threading.Event) -> int:
+        """Pre-read the head of this conversation's next prompt (instruction and turns) while
+        the LLM is idle, so a follow-up reads only its sources and question."""
+        if not isinstance(self.llm, LlmEngine):
+            return 0  # a remote server keeps its own cache
+        head = await asyncio.get_running_loop().run_in_executor(None, self.prompts.head, history)
+        return await self.llm.prefill(head, cache_key, cancel)
+
     @staticmethod
     def _done(result: Finished, text: str, started: float, retrieval_ms: float,
               first_token_at: float | None) -> dict[str, Any]:

@@ -78,9 +78,13 @@ class Conversations:
         self.linger_s = linger_s
         self.live: dict[tuple[str, str], RequestRun] = {}
         self.closing = False
+        # Idle-time work (pre-reading a session's next prompt head) yields to any new question.
+        self._idle_cancel = threading.Event()
+        self._prefilling: asyncio.Task[None] | None = None
 
     async def ask(self, session_id: str, user: str, request_id: str, question: str,
                   kbs: tuple[str, ...] | None = None) -> RequestRun:
+        self._idle_cancel.set()
         key = (session_id, request_id)
         fresh = key not in self.live and await self.store.write(
             lambda db: sessions.begin_request(db, session_id, request_id, question))
@@ -193,6 +197,22 @@ class Conversations:
             db, run.session_id, run.id, state, run.question, answer, sources, finish))
         asyncio.get_running_loop().call_later(
             self.linger_s, self.live.pop, (run.session_id, run.id), None)
+        if state == "done" and not self.closing:
+            self._prefill_when_idle(run.session_id)
+
+    def _prefill_when_idle(self, session_id: str) -> None:
+        if self.queue.busy or (self._prefilling and not self._prefilling.done()):
+            return
+        self._idle_cancel.clear()
+        self._prefilling = asyncio.create_task(self._prefill(session_id))
+
+    async def _prefill(self, session_id: str) -> None:
+        try:
+            history = await self.store.read(
+                lambda db: sessions.turns(db, session_id, None, HISTORY_TURNS))
+            await self.answers.prefill(history, session_id, self._idle_cancel)
+        except Exception:  # idle-time work: a failure costs only the speed-up
+            log.exception("pre-reading the next prompt of session %s failed", session_id)
 
     async def _save_events(self, run: RequestRun) -> None:
         """Write the log in batches: one transaction per wake-up, not per event."""
@@ -217,6 +237,9 @@ class Conversations:
         """Shutdown: end running requests with an `interrupted` error that carries their text;
         their logs stay resumable after the restart."""
         self.closing = True
+        self._idle_cancel.set()
+        if self._prefilling:
+            await asyncio.gather(self._prefilling, return_exceptions=True)
         runs = [r for r in self.live.values() if r.task and not r.task.done()]
         for run in runs:
             run.task.cancel()  # type: ignore[union-attr]

@@ -1,10 +1,11 @@
 """Dead-peer detection that a slow link does not fool.
 
 A protocol ping queued behind outbound data reaches a 256 kbit/s client late, and a plain
-ping/pong timeout then closes a healthy connection. Here any inbound frame counts as life, a ping
-goes out only after a quiet interval, and while we have data in flight the TCP ACKs the peer's
-kernel sends (TCP_INFO's last_ack_recv) count as life too: the link is slow, not dead. A peer is
-declared dead after interval + timeout with neither frames nor ACKs.
+ping/pong timeout then closes a healthy connection. Here any inbound frame counts as life; a ping
+goes out only after a quiet interval; and when its pong is late, the peer's TCP stack gets the
+last word: if it acknowledged any of our bytes since the ping (TCP_INFO's last_ack_recv), the
+link is slow or the client busy, not dead. A peer is declared dead when the pong timeout passes
+with neither a frame nor a TCP acknowledgement: within interval + timeout of its last sign.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ _UNACKED_OFFSET = 24
 _LAST_ACK_RECV_OFFSET = 56
 
 
-def tcp_ack_age_s(sock: socket.socket | None) -> float | None:
-    """Seconds since the peer last ACKed data we sent, when data is in flight; else None."""
+def tcp_acked_within(sock: socket.socket | None, seconds: float) -> bool | None:
+    """Whether the peer's TCP acknowledged our data in the last ``seconds`` (all data acked
+    counts too); None where TCP_INFO cannot tell (another OS, no socket)."""
     if sock is None or not hasattr(socket, "TCP_INFO"):
         return None
     try:
@@ -33,7 +35,7 @@ def tcp_ack_age_s(sock: socket.socket | None) -> float | None:
         return None
     (unacked,) = struct.unpack_from("I", info, _UNACKED_OFFSET)
     (last_ack_ms,) = struct.unpack_from("I", info, _LAST_ACK_RECV_OFFSET)
-    return last_ack_ms / 1000 if unacked else None
+    return unacked == 0 or last_ack_ms / 1000 < seconds
 
 
 class Heartbeat:
@@ -48,10 +50,6 @@ class Heartbeat:
     def saw_inbound(self) -> None:
         self.last_inbound = time.monotonic()
 
-    def _acks_flowing(self) -> bool:
-        age = tcp_ack_age_s(self._sock)
-        return age is not None and age < self.timeout_s
-
     async def run(self) -> None:
         """Returns when the peer is dead; the caller closes the connection."""
         pinged_at: float | None = None
@@ -59,14 +57,18 @@ class Heartbeat:
         while True:
             await asyncio.sleep(step)
             now = time.monotonic()
-            quiet = now - self.last_inbound
-            if self._acks_flowing():
-                continue  # data in flight is being acknowledged: alive, no ping needed
-            if quiet < self.interval_s:
+            if now - self.last_inbound < self.interval_s:
                 pinged_at = None
                 continue
-            if pinged_at is None or pinged_at < self.last_inbound:
+            if pinged_at is None:
                 pinged_at = now
                 await self._ping()
-            elif now - pinged_at >= self.timeout_s:
-                return
+                continue
+            since_ping = now - pinged_at
+            if since_ping < self.timeout_s:
+                continue
+            if tcp_acked_within(self._sock, since_ping):
+                self.last_inbound = now  # the link carries our bytes: slow, not dead
+                pinged_at = None
+                continue
+            return

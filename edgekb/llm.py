@@ -196,7 +196,7 @@ class LlmEngine:
         if len(tokens) + request.max_tokens > self.n_ctx:
             raise ModelError(f"prompt of {len(tokens)} tokens plus {request.max_tokens} to "
                              f"generate exceeds the context of {self.n_ctx}")
-        cached = self._read_prompt(tokens, request, emit)
+        cached = self._read_prompt(tokens[:-1], request.cache_key, request.cancel, emit)
         if request.cancel.is_set():
             return Finished("cancelled", len(tokens), cached, 0,
                             (time.perf_counter() - started) * 1000, 0.0)
@@ -251,25 +251,41 @@ class LlmEngine:
         self.llama.input_ids[:n] = state.tokens
         self.llama.n_tokens = n
 
-    def _read_prompt(self, tokens: list[int], request: GenerationRequest,
+    def _read_prompt(self, tokens: list[int], cache_key: str | None, cancel: threading.Event,
                      emit: Callable[[object], None]) -> int:
-        """Evaluate all but the last prompt token in n_batch steps, reusing the cached prefix.
+        """Evaluate ``tokens`` in n_batch steps, reusing the longest cached prefix: the live
+        context's, or the session's saved snapshot when that one matches more.
 
-        ``generate`` then finds this prefix in the cache and evaluates only the last token.
-        Returns how many tokens were already cached.
+        Generation passes all but the last prompt token: ``generate`` then finds this prefix
+        in the cache and evaluates only the last one. Returns how many were already cached.
         """
         llama = self.llama
-        cached = common_prefix(llama._input_ids.tolist(), tokens[:-1])
-        saved = self.states.get(request.cache_key) if request.cache_key else None
-        if saved is not None and common_prefix(saved.tokens, tokens[:-1]) > cached:
+        cached = common_prefix(llama._input_ids.tolist(), tokens)
+        saved = self.states.get(cache_key) if cache_key else None
+        if saved is not None and common_prefix(saved.tokens, tokens) > cached:
             self._load_state(saved)  # another session ran in between: bring ours back
-            cached = common_prefix(saved.tokens, tokens[:-1])
+            cached = common_prefix(saved.tokens, tokens)
         llama.n_tokens = cached
-        target = len(tokens) - 1
+        target = len(tokens)
         emit(Reading(cached, target))
         for start in range(cached, target, self.n_batch):
-            if request.cancel.is_set():
+            if cancel.is_set():
                 break
             llama.eval(tokens[start : min(target, start + self.n_batch)])
             emit(Reading(llama.n_tokens, target))
         return cached
+
+    async def prefill(self, text: str, cache_key: str, cancel: threading.Event) -> int:
+        """Read ``text`` into the KV cache while the LLM is idle and keep the state for
+        ``cache_key``; stops between steps once ``cancel`` is set. Returns tokens read."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self._prefill, text, cache_key, cancel)
+
+    def _prefill(self, text: str, cache_key: str, cancel: threading.Event) -> int:
+        tokens = self.llama.tokenize(text.encode(), add_bos=True, special=True)
+        if cancel.is_set() or len(tokens) >= self.n_ctx:
+            return 0
+        cached = self._read_prompt(tokens, cache_key, cancel, lambda _: None)
+        if self.states.max_bytes:
+            self.states.put(cache_key, self._save_state())
+        return self.llama.n_tokens - cached

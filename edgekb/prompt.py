@@ -7,7 +7,7 @@ Gemma 270M (a probe showed a completion-style prompt ending in "Answer:" keeps t
 Order: instruction, earlier turns, sources, question. What stays between follow-ups comes first,
 so the LLM's KV cache can reuse it. Everything is counted in the model's own tokens and fitted by
 priority: the question always, then sources (dropped from the lowest-ranked up, the last one
-kept cut), then as many of the newest turns as still fit.
+kept cut), then the newest turns that fit in half the budget and in what the sources left.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ INSTRUCTION = (
     "steps in order, and cite the sources you use as [1], [2]. If the sources do not contain the "
     "answer, say that the manuals do not cover it."
 )
+SOURCES_HEADER = "Sources:\n"
 CHARS_PER_TOKEN = 4  # only to pick a first cut; the result is always re-counted
 
 ChatTemplate = Callable[[list[dict[str, str]]], str]
@@ -61,12 +62,28 @@ class PromptBuilder:
     def build(self, question: str, hits: Sequence[ChunkHit],
               history: Sequence[Turn] = ()) -> Prompt:
         blocks = self._fit_sources(question, [_source_block(i + 1, h) for i, h in enumerate(hits)])
+        turns = self.history_turns(history)
+        while turns and self.count_tokens(self._render(question, blocks, turns)) > self.budget:
+            turns = turns[1:]  # sources rank above the oldest turns
+        return Prompt(self._render(question, blocks, turns), len(blocks), len(turns), self.stop)
+
+    def history_turns(self, history: Sequence[Turn]) -> list[Turn]:
+        """The newest turns that fit in half the budget (the other half is for sources).
+
+        The same rule picks the turns of a follow-up and of its pre-read head (``head``), so
+        the two agree and the pre-read KV cache is used."""
         turns: list[Turn] = []
-        for turn in reversed(history):  # newest first, while they fit
-            if self.count_tokens(self._render(question, blocks, [turn, *turns])) > self.budget:
+        for turn in reversed(history):
+            if self.count_tokens(self._render_turns([turn, *turns])) > self.budget // 2:
                 break
             turns.insert(0, turn)
-        return Prompt(self._render(question, blocks, turns), len(blocks), len(turns), self.stop)
+        return turns
+
+    def head(self, history: Sequence[Turn]) -> str:
+        """What the next prompt of this conversation starts with: everything before its
+        sources. Reading it while the LLM is idle makes a follow-up's first token come sooner."""
+        text = self._render("?", [], self.history_turns(history))
+        return text[: text.rindex(SOURCES_HEADER)]
 
     def _fit_sources(self, question: str, blocks: list[str]) -> list[str]:
         while blocks:
@@ -81,19 +98,19 @@ class PromptBuilder:
             blocks = blocks[:-1] + ([last[:keep]] if keep > 80 else [])
         return blocks
 
+    def _render_turns(self, turns: Sequence[Turn]) -> str:
+        return "".join(f"Question: {t.question}\nAnswer: {t.answer.strip()}\n\n" for t in turns)
+
     def _render(self, question: str, blocks: list[str], turns: Sequence[Turn]) -> str:
-        sources = "\n\n".join(blocks) if blocks else "(no sources found)"
+        sources = SOURCES_HEADER + ("\n\n".join(blocks) if blocks else "(no sources found)")
         if self.fmt == "chat" and self.chat_template is not None:
             messages = [{"role": "system", "content": INSTRUCTION}]
             for turn in turns:
                 messages += [{"role": "user", "content": turn.question},
                              {"role": "assistant", "content": turn.answer}]
-            messages.append({"role": "user",
-                             "content": f"Sources:\n{sources}\n\nQuestion: {question}"})
+            messages.append({"role": "user", "content": f"{sources}\n\nQuestion: {question}"})
             return self.chat_template(messages)
-        earlier = "".join(f"Question: {t.question}\nAnswer: {t.answer.strip()}\n\n"
-                          for t in turns)
+        earlier = self._render_turns(turns)
         if earlier:
             earlier = f"Earlier in this conversation:\n{earlier}"
-        return (f"{INSTRUCTION}\n\n{earlier}Sources:\n{sources}\n\n"
-                f"Question: {question}\nAnswer:")
+        return f"{INSTRUCTION}\n\n{earlier}{sources}\n\nQuestion: {question}\nAnswer:"

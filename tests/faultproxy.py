@@ -4,7 +4,7 @@ It can cut every current connection now or after N more server->client bytes, ad
 limit server->client bandwidth, and stall (stop forwarding without closing). Each direction of a
 connection holds at most ``buffer_bytes``: beyond that the proxy stops reading from the source,
 so a stalled or slow proxy pushes back on the sender like a real slow link. While stalled it
-still notices when the server closes its side (``Link.server_closed``).
+still notices when the server closes or resets its side (``Link.server_gone``).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ TCP_ESTABLISHED = 1  # tcpi_state, linux/tcp.h
 class _Side(asyncio.Protocol):
     """One socket of a link; what it receives goes to the pump toward the other socket."""
 
-    def __init__(self, link: Link, outgoing: _Pump | None) -> None:
+    def __init__(self, link: Link) -> None:
         self.link = link
-        self.outgoing = outgoing  # set once both sockets exist
+        self.outgoing: _Pump | None = None  # where what this socket receives goes
         self.transport: asyncio.Transport | None = None
         self.closed = asyncio.Event()
         self._writable = asyncio.Event()
@@ -110,10 +110,9 @@ class _Pump:
                 return
             stalled = self.proxy.stalled_down if self.downstream else self.proxy.stalled_up
             if stalled or not self.chunks:
-                if not self.chunks and self.source.closed.is_set():
-                    if not stalled:
-                        target.close()  # the source closed: pass that on once all is sent
-                        return
+                if not self.chunks and self.source.closed.is_set() and not stalled:
+                    target.close()  # the source closed: pass that on once all is sent
+                    return
                 self._wake.clear()
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), STEP_S)
@@ -151,11 +150,6 @@ class Link:
     client: _Side | None = None
     server: _Side | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
-
-    @property
-    def server_closed(self) -> asyncio.Event:
-        assert self.server is not None
-        return self.server.closed
 
     def server_gone(self) -> bool:
         """Whether the server closed or reset its side. Read from the kernel's TCP state, so
@@ -220,7 +214,7 @@ class FaultProxy:
 
     def _accept(self) -> _Side:
         link = Link(self)
-        link.client = _Side(link, None)
+        link.client = _Side(link)
         # What the client sends before the server connection exists waits in this pump.
         link.client.outgoing = _Pump(self, link.client, downstream=False)
         self._spawn(self._connect(link))
@@ -237,7 +231,7 @@ class FaultProxy:
         loop = asyncio.get_running_loop()
         try:
             _, server_side = await asyncio.wait_for(loop.create_connection(
-                lambda: _Side(link, None), "127.0.0.1", self.target_port), 10)
+                lambda: _Side(link), "127.0.0.1", self.target_port), 10)
         except (OSError, asyncio.TimeoutError):
             if link.client.transport is not None:
                 link.client.transport.abort()

@@ -30,7 +30,7 @@ async def ask(ws: aiohttp.ClientWebSocketResponse, request_id: str,
 
 
 @pytest.fixture(scope="module")
-def small_queue_server(demo_data_dir: Path, models_cache: Path, tmp_path_factory) -> Server:
+def short_server(demo_data_dir: Path, models_cache: Path, tmp_path_factory) -> Server:
     """Short answers and a queue of two, so waiting and refusal are quick to reach."""
     import shutil
 
@@ -60,9 +60,9 @@ async def test_stages_arrive_in_order_with_reading_progress(server: Server) -> N
 
 
 async def test_three_clients_all_told_their_place_and_served_in_turn(
-        small_queue_server: Server) -> None:
+        short_server: Server) -> None:
     async with aiohttp.ClientSession() as http:
-        sockets = [(await connect(http, small_queue_server))[0] for _ in range(3)]
+        sockets = [(await connect(http, short_server))[0] for _ in range(3)]
         for i, ws in enumerate(sockets):
             await ws.send_json({"type": "ask", "id": f"c{i}", "text": DEMO_QUESTION})
         results = await asyncio.gather(*(collect(ws, f"c{i}") for i, ws in enumerate(sockets)))
@@ -77,9 +77,9 @@ async def test_three_clients_all_told_their_place_and_served_in_turn(
         assert events[-1]["type"] == "done"
 
 
-async def test_full_queue_answers_busy_with_retry_after(small_queue_server: Server) -> None:
+async def test_full_queue_answers_busy_with_retry_after(short_server: Server) -> None:
     async with aiohttp.ClientSession() as http:
-        ws, _ = await connect(http, small_queue_server)
+        ws, _ = await connect(http, short_server)
         for i in range(4):  # one runs, two wait, the fourth finds the queue full
             await ws.send_json({"type": "ask", "id": f"b{i}", "text": DEMO_QUESTION})
         busy = await collect(ws, "b3")
@@ -115,9 +115,9 @@ async def test_cancel_stops_generation_and_the_next_request_starts(server: Serve
         await ws.close()
 
 
-async def test_cancel_while_queued_leaves_the_queue(small_queue_server: Server) -> None:
+async def test_cancel_while_queued_leaves_the_queue(short_server: Server) -> None:
     async with aiohttp.ClientSession() as http:
-        ws, _ = await connect(http, small_queue_server)
+        ws, _ = await connect(http, short_server)
         await ws.send_json({"type": "ask", "id": "first", "text": DEMO_QUESTION})
         await ws.send_json({"type": "ask", "id": "waiting", "text": DEMO_QUESTION})
         await ws.send_json({"type": "cancel", "id": "waiting"})
@@ -128,7 +128,9 @@ async def test_cancel_while_queued_leaves_the_queue(small_queue_server: Server) 
         await ws.close()
 
 
-async def test_follow_up_uses_earlier_turns_and_reuses_the_cached_prefix(server: Server) -> None:
+async def test_follow_up_uses_earlier_turns_and_reuses_the_cached_prefix(
+        short_server: Server) -> None:
+    server = short_server
     async with aiohttp.ClientSession() as http:
         ws_a, session_a = await connect(http, server)
         first = await ask(ws_a, "a1", DEMO_QUESTION)
@@ -142,10 +144,14 @@ async def test_follow_up_uses_earlier_turns_and_reuses_the_cached_prefix(server:
     usage = follow[-1]["usage"]
     # The prompt now holds the first turn, and the instruction + that turn were not read again.
     assert usage["prompt_tokens"] > first[-1]["usage"]["prompt_tokens"] * 0.5
-    assert usage["cached_prompt_tokens"] > 100
+    # Beyond the instruction every prompt shares, the first turn itself (its answer included)
+    # was not read again: it was pre-read while the LLM was idle, or kept from the first answer.
+    assert usage["cached_prompt_tokens"] >= (first[-1]["usage"]["cached_prompt_tokens"]
+                                             + first[-1]["usage"]["completion_tokens"])
 
 
-async def test_same_question_same_answer_in_deterministic_mode(server: Server) -> None:
+async def test_same_question_same_answer_in_deterministic_mode(short_server: Server) -> None:
+    server = short_server
     texts = []
     async with aiohttp.ClientSession() as http:
         for i in range(2):

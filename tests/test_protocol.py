@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import random
@@ -14,8 +15,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,13 +65,17 @@ def heartbeat_server(tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Pa
     srv.stop()
 
 
+def port_of(srv: Server) -> int:
+    return int(srv.url.rstrip("/").rsplit(":", 1)[1])
+
+
 @pytest.fixture
 async def proxy_to() -> AsyncIterator[Any]:
     """A factory of fault proxies in front of a server, all closed after the test."""
     proxies: list[FaultProxy] = []
 
-    async def make(srv: Server, **options: Any) -> FaultProxy:
-        proxy = await FaultProxy(int(srv.url.rsplit(":", 1)[1].strip("/")), **options).start()
+    async def make(srv: Server) -> FaultProxy:
+        proxy = await FaultProxy(port_of(srv)).start()
         proxies.append(proxy)
         return proxy
 
@@ -134,7 +138,7 @@ def seqs(events: list[dict[str, Any]]) -> list[int]:
 
 
 def connect(http: aiohttp.ClientSession, url: str, session: str | None = None
-            ) -> AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]:
+            ) -> contextlib.AbstractAsyncContextManager[aiohttp.ClientWebSocketResponse]:
     return http.ws_connect(url + (f"?session={session}" if session else ""),
                            protocols=PROTOCOLS)
 
@@ -165,7 +169,8 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for pid {pid}")
 
 
-async def wait_for_condition(check: Any, timeout: float, step: float = 0.05) -> float | None:
+async def wait_for_condition(check: Callable[[], bool], timeout: float,
+                             step: float = 0.05) -> float | None:
     """Seconds until check() held, or None if it did not within timeout."""
     started = time.monotonic()
     for _ in range(int(timeout / step) + 1):
@@ -305,23 +310,22 @@ async def _interrupt_then_resume(data_dir: Path, models_cache: Path, request_id:
     env = edgekb_env(models_cache)
     srv = start_server(data_dir, env, *RESTART)
     try:
-        async with aiohttp.ClientSession() as http:
-            async with connect(http, srv.ws_url) as ws:
-                session = (await receive_json(ws))["session"]
-                await ws.send_json({"type": "ask", "id": request_id, "text": DEMO_QUESTION})
-                seen: list[dict[str, Any]] = []
-                for _ in range(MAX_FRAMES):
-                    event = await receive_json(ws, timeout=120)
-                    assert event["type"] not in ENDS, f"ended before the stop: {event}"
-                    seen.append(event)
-                    if event["type"] == "delta":
-                        break  # stop right as the answer starts streaming
-                if hard:
-                    srv.process.kill()
-                    await asyncio.to_thread(srv.process.wait, 30)
-                else:
-                    await asyncio.to_thread(srv.stop)
-                tail = await read_request(ws, request_id, timeout=30)
+        async with aiohttp.ClientSession() as http, connect(http, srv.ws_url) as ws:
+            session = (await receive_json(ws))["session"]
+            await ws.send_json({"type": "ask", "id": request_id, "text": DEMO_QUESTION})
+            seen: list[dict[str, Any]] = []
+            for _ in range(MAX_FRAMES):
+                event = await receive_json(ws, timeout=120)
+                assert event["type"] not in ENDS, f"ended before the stop: {event}"
+                seen.append(event)
+                if event["type"] == "delta":
+                    break  # stop right as the answer starts streaming
+            if hard:
+                srv.process.kill()
+                await asyncio.to_thread(srv.process.wait, 30)
+            else:
+                await asyncio.to_thread(srv.stop)
+            tail = await read_request(ws, request_id, timeout=30)
         assert tail.close is not None, f"the connection outlived the server: {tail}"
         if not hard:
             assert any(f.get("type") == "notice" and f.get("event") == "shutdown"
@@ -414,10 +418,10 @@ async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
         models_cache: Path) -> None:
     srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "stalled", *FAST)
     try:
-        port = int(srv.url.rsplit(":", 1)[1].strip("/"))
+        port = port_of(srv)
         async with aiohttp.ClientSession() as http, connect(http, srv.ws_url) as ws:
             session = (await receive_json(ws))["session"]
-            await ask_in_session(ws, "warm", DEMO_QUESTION)  # so each history page is ~2 KB
+            await ask_in_session(ws, "warm", DEMO_QUESTION)  # each history page: over 1 KiB
             before = rss_kib(srv.process.pid)
             sock, requests = await _flood_without_reading(port, session, 100_000, 5.0)
             try:
@@ -439,6 +443,7 @@ async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
         try:
             await asyncio.to_thread(srv.process.wait, 15)
         except subprocess.TimeoutExpired:
+            srv.process.kill()
             raise AssertionError(
                 "BUG: after a client that had stopped reading closed its socket, SIGTERM did "
                 "not stop the server within 15 s: its connection handler is still blocked "
@@ -547,7 +552,7 @@ async def test_cancel_stops_the_answer_quickly_and_the_connection_goes_on(
         done = rest.events[-1]
         assert done["type"] == "done" and done["finish"] == "cancelled", done
         assert took < 1.5, f"cancel took {took:.2f} s"
-        long_events = [e for e in head if e.get("id") == "long"] + rest.events
+        long_events = [e for e in head + waiting.others if e.get("id") == "long"] + rest.events
         assert done["text"] == text_of(long_events) and done["text"]
         assert done["usage"]["completion_tokens"] < 256
 
@@ -555,8 +560,8 @@ async def test_cancel_stops_the_answer_quickly_and_the_connection_goes_on(
         assert (await receive_json(ws))["code"] == "unknown_request"  # nothing runs any more
         await ws.send_json({"type": "ask", "id": "after", "text": OTHER_QUESTION})
         after = await read_request(ws, "after")
-        assert after.ended and after.events[-1]["type"] == "done"
-        assert after.events[-1]["finish"] in ("stop", "length")
+        assert after.ended and after.events[-1]["type"] == "done", after
+        assert text_of(after.events) == after.events[-1]["text"]
 
 
 # --- 8. heartbeats: a silent peer is dropped, a slow one is not ------------------------------
@@ -570,6 +575,7 @@ async def test_a_silent_peer_is_closed_within_seconds(heartbeat_server: Server,
         [link] = proxy.links
         proxy.stall()  # the phone left the Wi-Fi: nothing in, nothing out, no FIN
         took = await wait_for_condition(link.server_gone, timeout=20)
+        proxy.cut()  # so that closing this client does not wait for the dead link
     assert took is not None, "the server kept a silent peer for 20 s"
     # heartbeat_s + pong_timeout_s = 2 s, plus slack for a busy 2-core machine
     assert took < 6, f"the server closed a silent peer only after {took:.1f} s"
@@ -579,12 +585,15 @@ async def test_a_slow_link_that_keeps_reading_is_not_closed(heartbeat_server: Se
                                                             proxy_to: Any) -> None:
     rate = 4096
     async with aiohttp.ClientSession() as http:
+        # A long finished answer replayed over the slow link: the backlog is all there at once,
+        # however fast the model was.
         session, original = await answer_in_new_session(http, heartbeat_server.ws_url, "slow")
         size = sum(len(json.dumps(e, ensure_ascii=False, separators=(",", ":")))
                    for e in original.events)
         assert size / rate > 3, "the replay must take several heartbeat periods"
         proxy = await proxy_to(heartbeat_server)
         proxy.rate_bytes_per_s = rate
+        proxy.latency_s = 0.05
         async with connect(http, proxy.ws_url(), session) as ws:
             await receive_json(ws)
             [link] = proxy.links
@@ -598,8 +607,13 @@ async def test_a_slow_link_that_keeps_reading_is_not_closed(heartbeat_server: Se
                 f"{len(original.events)}: {replay.close}")
             assert replay.events == original.events
             assert took > 2, "the link was not slower than heartbeat + timeout"
+            # The connection is still open: a ping is answered, not met by a close.
             await ws.send_json({"type": "ping"})
-            assert (await receive_json(ws))["type"] == "pong"
+            reply = await ws.receive(timeout=30)
+            assert reply.type == aiohttp.WSMsgType.TEXT and json.loads(reply.data) == {
+                "type": "pong"}, (
+                f"BUG: the server closed a connection that kept reading at {rate} B/s "
+                f"({size} bytes in {took:.1f} s): {reply}")
             assert not link.server_gone()
 
 
@@ -616,13 +630,19 @@ async def test_a_client_that_stops_reading_is_dropped_and_resumes_completely(
                 session = (await receive_json(ws))["session"]
                 await ask_in_session(ws, "warm", DEMO_QUESTION)
                 [link] = proxy.links
-                # Stop taking anything from the server, then make it send far more than
-                # socket buffers hold (about 4 MiB on loopback): the answer plus history pages.
+                # Stop taking anything from the server, then make it send far more than the
+                # socket buffers between us hold (about 4 MiB on loopback): the answer plus
+                # 10000 history pages of a session with one turn (over 1 KiB each).
                 proxy.stall(client_to_server=False)
-                await ws.send_json({"type": "ask", "id": "dropped", "text": OTHER_QUESTION})
-                for _ in range(3000):
-                    await ws.send_str('{"type":"history","limit":50}')
-                closed_in = await wait_for_condition(link.server_gone, timeout=20)
+                await ws.send_json({"type": "ask", "id": "dropped", "text": DEMO_QUESTION})
+
+                async def flood() -> None:
+                    for _ in range(10_000):
+                        await ws.send_str('{"type":"history","limit":50}')
+
+                with contextlib.suppress(asyncio.TimeoutError):  # the server may stop reading
+                    await asyncio.wait_for(flood(), 30)
+                closed_in = await wait_for_condition(link.server_gone, timeout=15)
                 proxy.flow()
                 seen = await read_request(ws, "dropped", timeout=60)
                 if seen.close is None and not seen.timed_out:
@@ -641,7 +661,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_resumes_completely(
     events = seen.events + rest.events
     assert rest.ended and events[-1]["type"] == "done", rest
     assert seqs(events) == list(range(1, len(events) + 1))
-    assert text_of(events) == events[-1]["text"] and events[-1]["text"]
+    assert text_of(events) == events[-1]["text"]
     assert closed_in is not None, (
         "a client that stopped reading was not disconnected while it stayed stalled: the "
         "server noticed the send timeout but its close waits for the peer to take data")

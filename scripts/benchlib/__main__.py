@@ -70,7 +70,7 @@ def _meets(key: str, value: Any) -> str:
 def table(doc: dict[str, Any]) -> str:
     lines = [f"{'figure':<30} {'value':>12}  aim"]
     for key, value in doc.items():
-        if isinstance(value, (int, float)) or value is None:
+        if (isinstance(value, (int, float)) and not isinstance(value, bool)) or value is None:
             shown = "null" if value is None else f"{value:g}"
             lines.append(f"{key:<30} {shown:>12}  {_meets(key, value)}")
     return "\n".join(lines)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgekb.config import Settings, load_settings
+
 REPO = Path(__file__).resolve().parents[2]
 # Loopback only: every load this benchmark makes targets this address.
 HOST = "127.0.0.1"
@@ -27,12 +29,16 @@ def models_cache() -> Path:
     return Path(os.environ.get("EDGEKB_MODELS__CACHE_DIR") or REPO / ".cache" / "models")
 
 
-def edgekb_env(**extra: str) -> dict[str, str]:
-    """Environment for edgekb child processes: no stray EDGEKB_* settings, the model cache."""
+def edgekb_env() -> dict[str, str]:
+    """Environment for edgekb (processes and settings): no stray EDGEKB_* settings, the cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEKB_")}
     env["EDGEKB_MODELS__CACHE_DIR"] = str(models_cache())
-    env.update(extra)
     return env
+
+
+def bench_settings(data_dir: Path) -> Settings:
+    """edgekb's default settings on ``data_dir``, with the benchmark's model cache."""
+    return load_settings(None, env=edgekb_env(), overrides={"data_dir": data_dir})
 
 
 def benchlib_env() -> dict[str, str]:

@@ -134,10 +134,17 @@ async def loop_lag(server: Server, http: aiohttp.ClientSession, question: str,
         out, _ = await asyncio.wait_for(pinger.communicate(b"stop\n"), 60)
     samples = json.loads(out.decode().strip().splitlines()[-1])
     idle = [rtt for at, rtt in samples if at < asked_at]
-    busy = [rtt for at, rtt in samples if asked_at <= at <= done_at]
+    window = [(at, rtt) for at, rtt in samples if asked_at <= at <= done_at]
+    busy = [rtt for _, rtt in window]
+    if not busy or not idle:
+        raise RuntimeError(f"too few ping samples: {len(idle)} idle, {len(busy)} busy")
+    worst_at, worst = max(window, key=lambda s: s[1])
     complete = sum(1 for a in [answer, *resumed] if _complete(a))
     return {"busy_p50_ms": percentile(busy, 50), "busy_p99_ms": percentile(busy, 99),
             "busy_max_ms": max(busy), "busy_samples": len(busy),
+            "busy_slowest_ms": [round(rtt, 1) for rtt in sorted(busy)[-5:]],
+            # Where the worst stall fell: near 0 means at the end of the answer.
+            "worst_ended_ms_before_done": round((done_at - worst_at) * 1000 - worst, 1),
             "idle_p50_ms": percentile(idle, 50), "idle_p99_ms": percentile(idle, 99),
             "idle_samples": len(idle), "followers_complete": complete,
             "followers": followers, "answer": answer}

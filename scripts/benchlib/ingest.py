@@ -21,12 +21,12 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgekb.catalog import verify
-from edgekb.config import Settings, load_settings
+from edgekb.config import Settings
 from edgekb.engines import load_embedder, make_ingestor, open_catalog, open_library
 from edgekb.ingest import embedding_text
 from edgekb.store import Store
 
-from .common import Sheet, edgekb_env, log, ratio
+from .common import Sheet, bench_settings, edgekb_env, log, ratio
 from .corpus import write_manuals
 
 
@@ -117,7 +117,7 @@ def run(sheet: Sheet, work: Path, quick: bool) -> None:
     target = 300 if quick else 3000
     folder = work / "manuals"
     write_manuals(folder, target)
-    settings = load_settings(None, env=edgekb_env(), overrides={"data_dir": work / "ingest"})
+    settings = bench_settings(work / "ingest")
     store = Store(settings.db_path)
     try:
         catalog = open_catalog(settings)

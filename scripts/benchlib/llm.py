@@ -2,8 +2,9 @@
 
 The raw side is `Llama(...)` built with the server's model, n_ctx, n_threads, n_batch and seed,
 driven by a plain `generate` loop (the design measured the streaming API within 2 % of it, so
-this is the stricter baseline). Prompts are built exactly as the server builds them: edgekb's
-own retrieval and prompt builder over the same data dir, counted with the raw model's tokenizer.
+this is the stricter baseline). Prompts are built exactly as the server builds them: edgekb's own
+AnswerEngine (retrieval, source merging, prompt builder) runs in-process over the same data dir
+with a stand-in LLM that records the prompt it is handed and generates nothing.
 The server reuses the longest KV prefix of its previous prompt; the raw side is given the same
 cached prefix (untimed) so both read the same number of prompt tokens.
 """
@@ -12,21 +13,24 @@ from __future__ import annotations
 
 import codecs
 import os
+import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import llama_cpp
 
+from edgekb.answer import AnswerEngine, AnswerOptions
 from edgekb.catalog import verify
-from edgekb.config import Settings, load_settings
+from edgekb.config import Settings
 from edgekb.engines import load_embedder, open_catalog, prompt_builder
 from edgekb.index import Library
+from edgekb.llm import Finished, GenerationRequest
 from edgekb.retrieval import Searcher
-from edgekb.store import Store
+from edgekb.store import AsyncStore, Store
 
-from .common import edgekb_env, median
+from .common import median
 
 # Demo questions with their answers in different sections, so consecutive prompts share only
 # the instruction (tests/data/demo_questions.md).
@@ -50,10 +54,6 @@ INTERLEAVED = "Can a supervisor remove a lock if the owner went home?"
 WARM_UP = "What is the default value of unload.pressure.bar?"
 
 
-def bench_settings(data_dir: Path) -> Settings:
-    return load_settings(None, env=edgekb_env(), overrides={"data_dir": data_dir})
-
-
 @dataclass(frozen=True)
 class BuiltPrompt:
     question: str
@@ -65,7 +65,8 @@ class BuiltPrompt:
 
 @dataclass(frozen=True)
 class RawRun:
-    ttft_ms: float          # from the generate call to the first token, cached prefix excluded
+    ttft_ms: float          # from the generate call to the first visible text, cached prefix
+                            # excluded (the server, too, starts an answer at visible text)
     tokens: int             # generated tokens, end-of-generation excluded (as the server counts)
     decode_s: float         # from the first token to the end of the loop
     text: str
@@ -123,46 +124,70 @@ class RawLlm:
         started = time.perf_counter()
         for token in llama.generate(prompt.tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05,
                                     repeat_penalty=1.0):
-            if first_at is None:
-                first_at = time.perf_counter()
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
             count += 1
             text += decoder.decode(llama.detokenize([token], special=False))
+            if first_at is None and text.strip():
+                first_at = time.perf_counter()
             if any(stop in text for stop in prompt.stop) or count >= self.max_tokens:
                 break
         ended = time.perf_counter()
         for stop in prompt.stop:
             if stop in text:
                 text = text[: text.index(stop)]
-        assert first_at is not None
+        if first_at is None:
+            first_at = ended
         return RawRun((first_at - started) * 1000, count, ended - first_at, text)
 
 
-def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, ...]
-                  ) -> list[BuiltPrompt]:
-    """Each question's prompt as the server builds it for a new session (no history), with the
-    retrieval time measured in-process (median of 3, after one warm-up search)."""
-    catalog = open_catalog(settings)
-    embedder = load_embedder(settings, catalog)
-    store = Store(settings.db_path)
+class PromptCapture:
+    """Stands in for the LLM inside edgekb's AnswerEngine: keeps the request, generates nothing."""
+
+    def __init__(self, n_ctx: int) -> None:
+        self.n_ctx = n_ctx
+        self.last: GenerationRequest | None = None
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[Finished]:
+        self.last = request
+        yield Finished("stop", 0, 0, 0, 0.0, 0.0)
+
+
+async def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, ...]
+                        ) -> list[BuiltPrompt]:
+    """Each question's prompt as the server builds it for a new session (no history), and the
+    retrieval time AnswerEngine reports in-process (median of 3, after one warm-up)."""
+    embedder = load_embedder(settings, open_catalog(settings))
+    library = Library(embedder.dim, settings.data_dir)
+    loader = Store(settings.db_path)
     try:
-        library = Library(embedder.dim, settings.data_dir)
-        library.load(store)
-        searcher = Searcher(embedder, library)
-        builder = prompt_builder(settings, raw, raw.entry)  # type: ignore[arg-type]
-        k = settings.retrieval.k
-        searcher.search(store, questions[0], k)
+        library.load(loader)
+    finally:
+        loader.close()
+    store = AsyncStore(settings.db_path)
+    capture = PromptCapture(raw.n_ctx)
+    engine = AnswerEngine(store, Searcher(embedder, library),
+                          prompt_builder(settings, raw, raw.entry),  # type: ignore[arg-type]
+                          capture)  # type: ignore[arg-type]
+    options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
+                            temperature=settings.generation.temperature,
+                            flush_interval_s=settings.server.flush_interval_ms / 1000)
+
+    async def retrieval_ms(question: str) -> float:
+        done: dict[str, Any] = {}
+        async for event in engine.answer(question, options, threading.Event()):
+            done = event
+        return float(done["timings"]["retrieval_ms"])
+
+    try:
+        await retrieval_ms(questions[0])
         prompts = []
         for question in questions:
-            times = []
-            for _ in range(3):
-                started = time.perf_counter()
-                hits = searcher.search(store, question, k)
-                times.append((time.perf_counter() - started) * 1000)
-            prompt = builder.build(question, [s.hit for s in hits])
-            prompts.append(BuiltPrompt(question, prompt.text, raw.prompt_tokens(prompt.text),
-                                       prompt.stop, median(times)))
+            times = [await retrieval_ms(question) for _ in range(3)]
+            request = capture.last
+            assert request is not None
+            prompts.append(BuiltPrompt(question, request.prompt, raw.prompt_tokens(request.prompt),
+                                       request.stop, median(times)))
         return prompts
     finally:
         store.close()

@@ -100,16 +100,13 @@ def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float 
     return Server(process, found["url"], log_path, found["at"] - started, found["rss"], thread)
 
 
-def run_ingest(data_dir: Path, *paths: str, demo: bool = False, timeout: float = 1800
-               ) -> subprocess.CompletedProcess[str]:
-    args = [sys.executable, "-m", "edgekb", "ingest", "--data-dir", str(data_dir), *paths]
-    if demo:
-        args.append("--demo")
-    result = subprocess.run(args, env=edgekb_env(), text=True, capture_output=True,
+def ingest_demo(data_dir: Path, timeout: float = 600) -> None:
+    """`edgekb ingest --demo` into a new data dir."""
+    result = subprocess.run([sys.executable, "-m", "edgekb", "ingest", "--demo", "--data-dir",
+                             str(data_dir)], env=edgekb_env(), text=True, capture_output=True,
                             timeout=timeout, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"edgekb ingest failed:\n{result.stderr[-3000:]}")
-    return result
+        raise RuntimeError(f"edgekb ingest --demo failed:\n{result.stderr[-3000:]}")
 
 
 async def connect(http: aiohttp.ClientSession, url: str, session_id: str | None = None,
