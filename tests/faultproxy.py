@@ -165,6 +165,11 @@ class Link:
             return True
         return state != TCP_ESTABLISHED
 
+    def held_for_client(self) -> bytes:
+        """What the server sent that the proxy has not forwarded yet (stalled or slow)."""
+        pump = self.server.outgoing if self.server is not None else None
+        return b"".join(data for _, data in pump.chunks) if pump is not None else b""
+
     def side_lost(self) -> None:
         sides = [s for s in (self.client, self.server) if s is not None]
         if all(s.transport is None or s.transport.is_closing() for s in sides):

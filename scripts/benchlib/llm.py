@@ -42,16 +42,20 @@ QUESTIONS = (
     "What torque for the P-200 impeller nut?",
     "Why is there oil in the compressed air lines?",
 )
-# A conversation for the follow-up benchmark, and a question of another session in between.
-FOLLOW_UP = (
-    "How do I reset the pump after an overpressure trip?",
-    "What pressure does it trip at?",
-    "And what should I check before restarting it?",
+# Conversations for the follow-up benchmark, and a question of another session asked before
+# each conversation's third question.
+FOLLOW_UPS = (
+    ("How do I reset the pump after an overpressure trip?",
+     "What pressure does it trip at?",
+     "And what should I check before restarting it?"),
+    ("The compressor shuts down on high discharge temperature, what should I check?",
+     "What is the default value of unload.pressure.bar?",
+     "How often should its oil be changed?"),
+    ("How much sag should the conveyor return belt have?",
+     "The belt runs off to one side, how do I adjust the tracking?",
+     "Which of these checks can be done while it runs?"),
 )
 INTERLEAVED = "Can a supervisor remove a lock if the owner went home?"
-# Asked once and cancelled at its first token: the server's first answer also allocates
-# llama.cpp's compute buffers, which the raw side did at its own first run.
-WARM_UP = "What is the default value of unload.pressure.bar?"
 
 
 @dataclass(frozen=True)
@@ -107,7 +111,7 @@ class RawLlm:
                 for t in self.llama.tokenize(text.encode(), add_bos=False, special=False)]
 
     def warm_up(self, prompt: BuiltPrompt) -> None:
-        """Read one prompt untimed, as the server's warm-up answer does."""
+        """Read one prompt untimed: llama.cpp allocates its compute buffers on the first one."""
         self.llama.reset()
         self.llama.eval(prompt.tokens)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -18,6 +19,8 @@ from .common import HOST, edgekb_env, proc_status_kb
 
 READY = re.compile(r"edgekb ready on http://([\d.]+):(\d+)/")
 PROTOCOL = "edgekb.v1"
+# An answer takes seconds on a quiet machine; other LLM processes on 2 cores slow it 20-fold.
+ANSWER_TIMEOUT_S = 900
 
 @dataclass
 class Server:
@@ -167,15 +170,19 @@ async def send_ask(ws: aiohttp.ClientWebSocketResponse, request_id: str, text: s
 
 
 async def follow(ws: aiohttp.ClientWebSocketResponse, request_id: str, answer: Answer,
-                 timeout: float = 300, until: str = "done") -> Answer:
+                 timeout: float = ANSWER_TIMEOUT_S, until: str = "done") -> Answer:
     """Read events of ``request_id`` into ``answer`` until done/error (or the first ``until``
     event, e.g. "queued"); bounded by ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"no {until} for {request_id} in {timeout} s")
-        message = await receive(ws, left)
+        try:
+            if left <= 0:
+                raise asyncio.TimeoutError
+            message = await receive(ws, left)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"no {until} event for request {request_id} within {timeout} s "
+                               "(is the machine busy with other work?)") from None
         if message.get("id") != request_id:
             continue
         now = time.perf_counter()
@@ -195,5 +202,5 @@ async def follow(ws: aiohttp.ClientWebSocketResponse, request_id: str, answer: A
 
 
 async def ask(ws: aiohttp.ClientWebSocketResponse, request_id: str, text: str,
-              timeout: float = 300) -> Answer:
+              timeout: float = ANSWER_TIMEOUT_S) -> Answer:
     return await follow(ws, request_id, await send_ask(ws, request_id, text), timeout)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,9 @@ import aiohttp
 from . import connections, wire
 from .common import Sheet, bench_settings, log, median, ratio
 from .llm import (
-    FOLLOW_UP,
+    FOLLOW_UPS,
     INTERLEAVED,
     QUESTIONS,
-    WARM_UP,
     BuiltPrompt,
     RawLlm,
     build_prompts,
@@ -39,16 +39,11 @@ FD_MARGIN = 500  # descriptors beyond the idle connections: followers, files, li
 
 async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
                        ) -> list[dict[str, Any]]:
-    """Each question once through the server (new session), then raw with the same prompt and
-    the same cached prefix the server had."""
+    """Each question once through the server (new session, the server already warm from the
+    follow-ups), then raw with the same prompt and the same cached prefix the server had."""
     pairs = []
+    raw.warm_up(prompts[0])
     async with aiohttp.ClientSession() as http:
-        ws, _ = await connect(http, server.ws_url)
-        warm = await follow(ws, "warm", await send_ask(ws, "warm", WARM_UP), until="delta")
-        await ws.send_str(json.dumps({"type": "cancel", "id": "warm"}))
-        await follow(ws, "warm", warm)
-        await ws.close()
-        raw.warm_up(prompts[0])
         for number, prompt in enumerate(prompts):
             ws, _ = await connect(http, server.ws_url)
             answer = await ask(ws, f"s{number}", prompt.question)
@@ -57,6 +52,7 @@ async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
             run = raw.run(prompt, done["usage"].get("cached_prompt_tokens", 0))
             pair = summarize_pair(prompt, done, run, answer.client_tokens_per_s(),
                                   answer.ttft_ms)
+            pair["loadavg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine
             log(f"  {prompt.question[:40]}…: server {pair['server_client_tokens_per_s'] or 0:.1f}"
                 f" tok/s, raw {pair['raw_tokens_per_s'] or 0:.1f} tok/s; TTFT server "
                 f"{pair['server_ttft_ms']:.0f} ms, raw retrieval+prompt "
@@ -65,18 +61,26 @@ async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
     return pairs
 
 
-async def follow_up(server: Server, tag: str) -> Answer:
-    """A three-question conversation with another session's question before the third."""
+async def follow_ups(server: Server, count: int) -> list[Answer]:
+    """The third answer of each of ``count`` three-question conversations, another session's
+    question asked before each third one.
+
+    Run first on a freshly started server: the two servers then do exactly the same work up to
+    each third question, so the conversations' earlier answers, and thus the third prompts, are
+    the same on both (the KV cache's numerics depend on what was evaluated before).
+    """
+    thirds = []
     async with aiohttp.ClientSession() as http:
-        ws, _ = await connect(http, server.ws_url)
-        await ask(ws, f"{tag}-1", FOLLOW_UP[0])
-        await ask(ws, f"{tag}-2", FOLLOW_UP[1])
-        other, _ = await connect(http, server.ws_url)
-        await ask(other, f"{tag}-x", INTERLEAVED)
-        third = await ask(ws, f"{tag}-3", FOLLOW_UP[2])
-        await other.close()
-        await ws.close()
-    return third
+        for number, questions in enumerate(FOLLOW_UPS[:count]):
+            ws, _ = await connect(http, server.ws_url)
+            await ask(ws, f"f{number}-1", questions[0])
+            await ask(ws, f"f{number}-2", questions[1])
+            other, _ = await connect(http, server.ws_url)
+            await ask(other, f"f{number}-x", INTERLEAVED)
+            thirds.append(await ask(ws, f"f{number}-3", questions[2]))
+            await other.close()
+            await ws.close()
+    return thirds
 
 
 async def queue_waits(server: Server, rounds: int) -> tuple[list[float], list[list[int]]]:
@@ -138,15 +142,16 @@ def record_follow_up(sheet: Sheet, reuse: list[Answer], fresh: list[Answer]) -> 
                 "client_tokens_per_s": a.client_tokens_per_s(),
                 "worker_tokens_per_s": done["timings"].get("tokens_per_s"), **done["usage"]}
 
-    same = all(a.done["usage"]["prompt_tokens"] == b.done["usage"]["prompt_tokens"]
-               for a in reuse for b in fresh)
-    sheet.put("followup_ttft_ratio", ratio(median([a.ttft_ms for a in reuse]),
-                                           median([a.ttft_ms for a in fresh])),
+    # Only conversations whose third prompt is the same on both servers compare.
+    same = [(a, b) for a, b in zip(reuse, fresh)
+            if a.done["usage"]["prompt_tokens"] == b.done["usage"]["prompt_tokens"]]
+    sheet.put("followup_ttft_ratio", median([a.ttft_ms / b.ttft_ms for a, b in same])
+              if same else None,
               f"TTFT of the 3rd question of a conversation (another session asked in between) "
-              f"on the default server (KV state cache restores the session's prefix) / the same "
-              f"question on a server with generation.state_cache_mb=0; medians of {len(reuse)} "
-              f"and {len(fresh)} conversations; "
-              + ("same prompt tokens on both" if same else "WARNING: prompts differ"))
+              f"on the default server (its KV state cache restores the session's prefix) / the "
+              f"same question with the same prompt on a server with "
+              f"generation.state_cache_mb=0; median over {len(same)} of {len(reuse)} "
+              f"conversations (those whose third prompt came out the same on both servers)")
     sheet.detail("followup", {"reuse": [usage(a) for a in reuse],
                               "no_reuse": [usage(a) for a in fresh]})
 
@@ -219,6 +224,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
     log("server: ingesting the demo manuals")
     ingest_demo(demo)
     settings = bench_settings(demo)
+    conversations = 1 if quick else len(FOLLOW_UPS)
     raw = RawLlm(settings)
     try:
         prompts = await build_prompts(settings, raw, QUESTIONS[: 3 if quick else 6])
@@ -230,11 +236,11 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
                       "and loaded, index loaded); 1 run", 2)
             sheet.put("rss_startup_mb", main.rss_ready_kb / 1024,
                       "server VmRSS when it printed the ready line; 1 run", 1)
+            log("follow-up: with prefix reuse (first, on the fresh server)")
+            reuse = await follow_ups(main, conversations)
             log("stream: server and raw llama-cpp-python, question by question")
             pairs = await stream_pairs(main, raw, prompts)
             record_stream(sheet, pairs)
-            log("follow-up: with prefix reuse")
-            reuse = [await follow_up(main, f"fr{i}") for i in range(1 if quick else 3)]
             log("queue: three clients ask at once")
             waits, positions = await queue_waits(main, 1 if quick else 3)
             sheet.put("queue_position_ms_max", max(waits) if waits else None,
@@ -261,8 +267,8 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
         alt = start_server(demo, work / "serve-alt.log", *DETERMINISTIC,
                            "server.compress=true", "generation.state_cache_mb=0")
         try:
-            log("follow-up: without prefix reuse")
-            fresh = [await follow_up(alt, f"fn{i}") for i in range(1 if quick else 3)]
+            log("follow-up: without prefix reuse (first, on the fresh server)")
+            fresh = await follow_ups(alt, conversations)
             record_follow_up(sheet, reuse, fresh)
             log("wire: one answer with permessage-deflate")
             deflated = await wire.answer_bytes(alt.port, QUESTIONS[0], 15)
