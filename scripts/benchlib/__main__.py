@@ -14,6 +14,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import signal
 import sys
 import tempfile
 import time
@@ -85,6 +86,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="also write the JSON document to FILE")
     args = parser.parse_args()
     common.QUIET = args.json_only
+    # SIGTERM unwinds like an error, so servers are stopped and the work dir removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     raise_nofile(CLIENT_NOFILE)
     sheet = Sheet()
     errors: dict[str, str] = {}
