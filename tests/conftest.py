@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,16 +112,28 @@ def server(demo_data_dir: Path, models_cache: Path) -> Iterator[Server]:
     srv.stop()
 
 
+# Events of other requests seen while collecting one, kept for their own collect() call.
+_SET_ASIDE: weakref.WeakKeyDictionary[aiohttp.ClientWebSocketResponse, list[dict[str, Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
 async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
                   timeout: float = 180) -> list[dict[str, Any]]:
-    """Events of one request until its done or error (bounded by a deadline)."""
-    events: list[dict[str, Any]] = []
+    """Events of one request until its done or error (bounded by a deadline). Events of other
+    requests on the same socket are set aside for their own collect(), never dropped."""
+    aside = _SET_ASIDE.setdefault(ws, [])
+    events = [e for e in aside if e.get("id") == request_id]
+    aside[:] = [e for e in aside if e.get("id") != request_id]
+    if events and events[-1]["type"] in ("done", "error"):
+        return events
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         msg = await ws.receive(timeout=deadline - time.monotonic())
         assert msg.type == aiohttp.WSMsgType.TEXT, f"connection ended: {msg}"
         message = json.loads(msg.data)
         if message.get("id") != request_id:
+            if "id" in message:
+                aside.append(message)
             continue
         events.append(message)
         if message["type"] in ("done", "error"):

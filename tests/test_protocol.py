@@ -348,7 +348,7 @@ async def _interrupt_then_resume(data_dir: Path, models_cache: Path, request_id:
         async with aiohttp.ClientSession() as http, connect(http, srv.ws_url, session) as ws:
             assert (await receive_json(ws))["resumed"] is True
             await ws.send_json({"type": "resume", "id": request_id, "after": last})
-            rest = await read_request(ws, request_id, timeout=20)
+            rest = await read_request(ws, request_id, timeout=15)
             await ws.send_json({"type": "resume", "id": request_id, "after": 0})
             stored = await read_request(ws, request_id, timeout=20)
     finally:
@@ -391,11 +391,10 @@ def _masked_text_frame(payload: bytes) -> bytes:
     return header + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-async def _flood_without_reading(port: int, session: str, frames: int,
-                                 seconds: float) -> tuple[socket.socket, int]:
+async def _flood_without_reading(sock: socket.socket, port: int, session: str, frames: int,
+                                 seconds: float) -> int:
     """A raw WebSocket client that asks, then sends `history` requests and never reads a byte.
-    Returns the socket and how many history requests the kernel took."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    Returns how many history requests the kernel took."""
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /ws?session={session} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -415,7 +414,7 @@ async def _flood_without_reading(port: int, session: str, frames: int,
             sent += sock.send(payload[sent:sent + 65536])
         except BlockingIOError:
             await asyncio.sleep(0.05)  # the server stopped reading: what a bounded server does
-    return sock, sent // len(history)
+    return sent // len(history)
 
 
 async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
@@ -428,8 +427,8 @@ async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
             session = (await receive_json(ws))["session"]
             await ask_in_session(ws, "warm", DEMO_QUESTION)  # each history page: over 1 KiB
             before = rss_kib(srv.process.pid)
-            sock, requests = await _flood_without_reading(port, session, 100_000, 5.0)
-            try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+                requests = await _flood_without_reading(sock, port, session, 100_000, 5.0)
                 # Meanwhile another client of the same session gets a whole answer.
                 other = await ask_in_session(ws, "meanwhile", OTHER_QUESTION)
                 assert text_of(other.events) == other.events[-1]["text"]
@@ -438,8 +437,7 @@ async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
                 assert grown_mib < 32, (
                     f"server RSS grew by {grown_mib:.0f} MiB while a client that never reads "
                     f"sent {requests} history requests")
-            finally:
-                sock.close()  # the stalled client goes away for good
+            # Closed: the stalled client has gone for good.
             await asyncio.sleep(1.0)
             await ws.send_json({"type": "ping"})
             assert (await receive_json(ws))["type"] == "pong"
@@ -624,7 +622,7 @@ async def test_a_slow_link_that_keeps_reading_is_not_closed(heartbeat_server: Se
             reply = await ws.receive(timeout=30)
             assert reply.type == aiohttp.WSMsgType.TEXT and json.loads(reply.data) == {
                 "type": "pong"}, (
-                f"BUG: the server closed a connection that kept reading at {rate} B/s "
+                f"the server closed a connection that kept reading at {rate} B/s "
                 f"({size} bytes in {took:.1f} s): {reply}")
             assert not link.server_gone()
 
@@ -666,15 +664,17 @@ async def test_a_client_that_stops_reading_is_dropped_and_resumes_completely(
             assert seen.close.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR) or (
                 seen.close.type == aiohttp.WSMsgType.CLOSE and seen.close.data == 4010), (
                 f"expected close 4010 (too slow), got {seen.close}")
-            last = seen.events[-1]["seq"] if seen.events else 0
-            async with connect(http, srv.ws_url, session) as ws:
-                await receive_json(ws)
-                await ws.send_json({"type": "resume", "id": "dropped", "after": last})
-                rest = await read_request(ws, "dropped")
+            rest = Stream()
+            if not seen.ended:  # the usual case: the drop cut the answer short
+                last = seen.events[-1]["seq"] if seen.events else 0
+                async with connect(http, srv.ws_url, session) as ws:
+                    await receive_json(ws)
+                    await ws.send_json({"type": "resume", "id": "dropped", "after": last})
+                    rest = await read_request(ws, "dropped")
     finally:
         srv.stop()
     events = seen.events + rest.events
-    assert rest.ended and events[-1]["type"] == "done", rest
+    assert events and events[-1]["type"] == "done", rest
     assert seqs(events) == list(range(1, len(events) + 1))
     assert text_of(events) == events[-1]["text"]
     assert closed_in is not None, (
