@@ -7,6 +7,7 @@ are fetched here once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -128,7 +129,8 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
         return events
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        msg = await ws.receive(timeout=deadline - time.monotonic())
+        # asyncio.wait_for: aiohttp's own receive timeout restarts at every server ping.
+        msg = await asyncio.wait_for(ws.receive(), max(0.1, deadline - time.monotonic()))
         assert msg.type == aiohttp.WSMsgType.TEXT, f"connection ended: {msg}"
         message = json.loads(msg.data)
         if message.get("id") != request_id:
@@ -142,6 +144,6 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
 
 
 async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 30) -> dict[str, Any]:
-    msg = await ws.receive(timeout=timeout)
+    msg = await asyncio.wait_for(ws.receive(), timeout)
     assert msg.type == aiohttp.WSMsgType.TEXT, f"connection ended: {msg}"
     return json.loads(msg.data)
