@@ -48,6 +48,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/api/status", _status)
     setup_api(app)
     app.router.add_get("/", _index_page)
     app.router.add_static("/static/", STATIC_DIR)
@@ -122,16 +123,27 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _close_sockets(app: web.Application) -> None:
-    """Tell every client to resume later, give the notice a moment to leave, then close."""
+    """Tell every client to resume later and give the notice a moment to leave; stop sending
+    answers, end the running ones (their logs close with `interrupted`, which clients get by
+    resuming after the restart), then close every socket."""
     await broadcast(app, {"type": "notice", "event": "shutdown",
                           "message": "the server is going down; resume in a moment"})
     await asyncio.sleep(0.2)
-    for conn in list(app[keys.CONNECTIONS]):
-        await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    connections = list(app[keys.CONNECTIONS])
+    await asyncio.gather(*(conn.close_followers() for conn in connections))
+    await app[keys.CONVERSATIONS].close()
+    for conn in connections:
+        conn.end(WSCloseCode.GOING_AWAY, b"server shutting down")
 
 
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+async def _status(request: web.Request) -> web.Response:
+    app = request.app
+    return web.json_response({**app[keys.CONVERSATIONS].status(),
+                              "connections": len(app[keys.CONNECTIONS])})
 
 
 async def _index_page(request: web.Request) -> web.FileResponse:

@@ -2,10 +2,13 @@
 
 A request runs as its own task, independent of any socket. Each event it produces gets the next
 ``seq`` and goes to an in-RAM log (bounded: a request has at most max_tokens deltas plus a few
-status events) and, in batches, to SQLite. A connection *follows* a request from a seq: it reads
-the log from its cursor, so a slow reader only delays itself, and nothing is buffered per reader.
-Finished requests leave RAM after a short linger; resume then reads their log from SQLite.
-When the last follower of a running request has been gone for the grace time, it is cancelled.
+status events) and, in batches, to SQLite. Followers are sent only what is already in SQLite:
+after a kill -9 or a power cut no client can hold an event (or a `done`) that the restarted
+server does not know, so a seq is never given twice. A connection *follows* a request from a
+seq: it reads the log from its cursor, so a slow reader only delays itself, and nothing is
+buffered per reader. Finished requests leave RAM after a short linger; resume then reads their
+log from SQLite. When the last follower of a running request has been gone for the grace time,
+it is cancelled.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -22,12 +26,14 @@ from .answer import AnswerEngine, AnswerOptions
 from .errors import Busy, EdgekbError, ProtocolError
 from .protocol import ID_REUSE, UNKNOWN_REQUEST, error_event
 from .scheduler import FairQueue
+from .sessions import Ending
 from .store import AsyncStore
 
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 256
 HISTORY_TURNS = 6  # most recent turns offered to the prompt (it keeps what fits)
+MAX_HEADS_WAITING = 8  # sessions whose next prompt head waits to be pre-read when idle
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -39,32 +45,47 @@ class RequestRun:
     question: str
     kbs: tuple[str, ...] | None
     events: list[dict[str, Any]] = field(default_factory=list)
-    finished: bool = False
+    saved: int = 0                 # events[:saved] are in SQLite; only those are sent
+    ending: Ending | None = None   # set with the last event, and stored with it
     followers: int = 0
-    stage: str = "queued"
+    stage: str = "new"             # new (task not started yet), queued, running
     cancel: threading.Event = field(default_factory=threading.Event)
     task: asyncio.Task[None] | None = None
-    persisted: asyncio.Event = field(default_factory=asyncio.Event)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
-    _unsaved: list[dict[str, Any]] = field(default_factory=list)
+    saver: asyncio.Task[None] | None = None
+    _produced: asyncio.Event = field(default_factory=asyncio.Event)
+    _saved_changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def finished(self) -> bool:
+        """The last event has been produced (it may not be saved yet)."""
+        return self.ending is not None
+
+    @property
+    def complete(self) -> bool:
+        """Every event, the last one included, is saved."""
+        return self.finished and self.saved == len(self.events)
 
     def append(self, event: dict[str, Any]) -> dict[str, Any]:
         full = {**event, "id": self.id, "seq": len(self.events) + 1}
         self.events.append(full)
-        self._unsaved.append(full)
-        self._notify()
+        self._produced.set()
         return full
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def finish(self, event: dict[str, Any], ending: Ending) -> None:
+        self.append(event)
+        self.ending = ending
 
-    async def changed(self) -> None:
-        await self._changed.wait()
+    def mark_saved(self, upto: int) -> None:
+        self.saved = upto
+        self._saved_changed.set()
+        self._saved_changed = asyncio.Event()
 
-    def take_unsaved(self) -> list[dict[str, Any]]:
-        batch, self._unsaved = self._unsaved, []
-        return batch
+    async def produced(self) -> None:
+        await self._produced.wait()
+        self._produced.clear()
+
+    async def saved_changed(self) -> None:
+        await self._saved_changed.wait()
 
 
 class Conversations:
@@ -78,13 +99,21 @@ class Conversations:
         self.linger_s = linger_s
         self.live: dict[tuple[str, str], RequestRun] = {}
         self.closing = False
-        # Idle-time work (pre-reading a session's next prompt head) yields to any new question.
+        # Idle-time work: pre-reading the next prompt head of sessions that just got an answer.
+        # It yields to any other session's question and resumes when the LLM is idle again.
+        self._heads_waiting: OrderedDict[str, None] = OrderedDict()
         self._idle_cancel = threading.Event()
         self._prefilling: asyncio.Task[None] | None = None
+        self._prefilling_session: str | None = None
 
     async def ask(self, session_id: str, user: str, request_id: str, question: str,
                   kbs: tuple[str, ...] | None = None) -> RequestRun:
-        self._idle_cancel.set()
+        if self.closing:
+            raise Busy("the server is going down; ask again in a moment", retry_after=10)
+        # A head being pre-read for this very session is the start of this prompt: let it run.
+        if self._prefilling_session != session_id:
+            self._idle_cancel.set()
+        self._heads_waiting.pop(session_id, None)
         key = (session_id, request_id)
         fresh = key not in self.live and await self.store.write(
             lambda db: sessions.begin_request(db, session_id, request_id, question))
@@ -96,17 +125,27 @@ class Conversations:
         run.task = asyncio.create_task(self._produce(run, user))
         return run
 
-    def cancel(self, session_id: str, request_id: str) -> bool:
+    async def cancel(self, session_id: str, request_id: str) -> None:
+        """Stop a request within one token. Cancelling one that already ended does nothing
+        (its `done` is on the way); an id this session never used is a typed error."""
         run = self.live.get((session_id, request_id))
-        if run is None or run.finished:
-            return False
-        run.cancel.set()  # stops generation within one token
+        if run is None:
+            if await self.store.read(lambda db: sessions.request_state(
+                    db, session_id, request_id)) is None:
+                raise ProtocolError(UNKNOWN_REQUEST, f"no request {request_id!r} in this"
+                                    " session", id=request_id)
+            return
+        self._stop(run)
+
+    def _stop(self, run: RequestRun) -> None:
+        if run.finished:
+            return
+        run.cancel.set()  # generating: stops within one token; new: never queues
         if run.stage == "queued" and run.task is not None:
-            run.task.cancel()  # not started yet: leave the queue now
-        return True
+            run.task.cancel()  # waiting for the LLM: leave the queue now
 
     async def follow(self, session_id: str, request_id: str, after: int, send: Send) -> None:
-        """Send every event of the request with seq > after, live ones as they come."""
+        """Send every saved event of the request with seq > after, live ones as they come."""
         run = self.live.get((session_id, request_id))
         if run is None:
             await self._replay_stored(session_id, request_id, after, send)
@@ -115,14 +154,14 @@ class Conversations:
         cursor = after
         try:
             while True:
-                if cursor < len(run.events):
-                    for event in run.events[cursor:]:
+                if cursor < run.saved:
+                    for event in run.events[cursor:run.saved]:
                         await send(event)
                         cursor = event["seq"]
                     continue
-                if run.finished:
+                if run.complete:
                     return
-                await run.changed()
+                await run.saved_changed()
         finally:
             run.followers -= 1
             if run.followers == 0 and not run.finished:
@@ -148,13 +187,16 @@ class Conversations:
     def _grace_expired(self, run: RequestRun) -> None:
         if run.followers == 0 and not run.finished:
             log.info("nobody follows %s/%s any more: cancelling", run.session_id, run.id)
-            self.cancel(run.session_id, run.id)
+            self._stop(run)
 
     async def _produce(self, run: RequestRun, user: str) -> None:
-        saver = asyncio.create_task(self._save_events(run))
+        run.saver = asyncio.create_task(self._save_events(run))
         sources: list[dict[str, Any]] = []
         final: dict[str, Any] = {}
         try:
+            run.stage = "queued"
+            if run.cancel.is_set():  # cancelled before its task first ran
+                raise asyncio.CancelledError
             async with self.queue.slot(user, lambda p: run.append(
                     {"type": "queued", "position": p})):
                 run.stage = "running"
@@ -163,47 +205,79 @@ class Conversations:
                 options = replace(self.options, kbs=run.kbs)
                 async for event in self.answers.answer(run.question, options, run.cancel,
                                                        history, run.session_id):
-                    final = run.append(event)
+                    if event["type"] == "done":
+                        final = event  # held back: it goes out with the turn, below
+                        continue
+                    run.append(event)
                     if event["type"] == "sources":
                         sources = event["sources"]
         except asyncio.CancelledError:
-            final = run.append(self._interrupted(run) if self.closing else
-                               {"type": "done", "finish": "cancelled", "text": "",
-                                "usage": {}, "timings": {}})
+            final = (self._interrupted(run) if self.closing else
+                     {"type": "done", "finish": "cancelled", "text": "", "usage": {},
+                      "timings": {}})
         except Busy as exc:
-            final = run.append(error_event(exc))
+            final = error_event(exc)
         except EdgekbError as exc:
-            final = run.append(error_event(exc))
+            final = error_event(exc)
         except Exception:
             log.exception("request %s/%s failed", run.session_id, run.id)
-            final = run.append(error_event(EdgekbError("internal error")))
-        finally:
-            run.finished = True
-            run._notify()
-        await saver
-        await self._finish(run, final, sources)
+            final = error_event(EdgekbError("internal error"))
+        if not final:  # the engine ended without `done`: never leave a request open
+            final = error_event(EdgekbError("internal error"))
+        run.finish(final, self._ending(run, final, sources))
+        await asyncio.shield(run.saver)  # the log is written to its end even at shutdown
 
-    async def _finish(self, run: RequestRun, final: dict[str, Any],
-                      sources: list[dict[str, Any]]) -> None:
+    @staticmethod
+    def _ending(run: RequestRun, final: dict[str, Any],
+                sources: list[dict[str, Any]]) -> Ending:
         if final.get("code") == "interrupted":
             state, finish = "interrupted", "interrupted"
         elif final.get("type") == "done":
-            state, finish = ("cancelled" if final["finish"] == "cancelled" else "done",
-                             final["finish"])
+            state = "cancelled" if final["finish"] == "cancelled" else "done"
+            finish = final["finish"]
         else:
             state, finish = "failed", final.get("code", "internal")
-        answer = final.get("text", "")
-        await self.store.write(lambda db: sessions.finish_request(
-            db, run.session_id, run.id, state, run.question, answer, sources, finish))
+        return Ending(state, run.question, final.get("text", ""), sources, finish)
+
+    async def _save_events(self, run: RequestRun) -> None:
+        """Write the log in batches, one transaction per wake-up, and only then release the
+        events to followers. The last batch also stores the turn."""
+        while not run.complete:
+            upto = len(run.events)
+            if upto == run.saved:
+                await run.produced()
+                continue
+            batch = run.events[run.saved:upto]
+            ending = run.ending if run.finished and upto == len(run.events) else None
+            try:
+                await self.store.write(lambda db: sessions.append_events(
+                    db, run.session_id, run.id, batch, ending))
+            except Exception:  # a lost write costs durability, never the live answer
+                log.exception("could not store events of %s/%s", run.session_id, run.id)
+            if ending is not None:
+                self._ended(run, ending)
+            run.mark_saved(upto)
+
+    def _ended(self, run: RequestRun, ending: Ending) -> None:
         asyncio.get_running_loop().call_later(
             self.linger_s, self.live.pop, (run.session_id, run.id), None)
-        if state == "done" and not self.closing:
-            self._prefill_when_idle(run.session_id)
+        if ending.state == "done" and not self.closing:
+            self._heads_waiting.pop(run.session_id, None)
+            self._heads_waiting[run.session_id] = None
+            while len(self._heads_waiting) > MAX_HEADS_WAITING:
+                self._heads_waiting.popitem(last=False)
+        # Started before the `done` is released, so a follow-up finds its head being read.
+        self._prefill_when_idle()
 
-    def _prefill_when_idle(self, session_id: str) -> None:
-        if self.queue.busy or (self._prefilling and not self._prefilling.done()):
+    def _prefill_when_idle(self) -> None:
+        llm_idle = all(run.finished for run in self.live.values())
+        if self.closing or not llm_idle or not self._heads_waiting or (
+                self._prefilling and not self._prefilling.done()):
             return
+        # The newest first: stale sessions must not hold up the one just answered.
+        session_id = next(reversed(self._heads_waiting))
         self._idle_cancel.clear()
+        self._prefilling_session = session_id
         self._prefilling = asyncio.create_task(self._prefill(session_id))
 
     async def _prefill(self, session_id: str) -> None:
@@ -211,21 +285,23 @@ class Conversations:
             history = await self.store.read(
                 lambda db: sessions.turns(db, session_id, None, HISTORY_TURNS))
             await self.answers.prefill(history, session_id, self._idle_cancel)
+            if not self._idle_cancel.is_set():
+                self._heads_waiting.pop(session_id, None)
         except Exception:  # idle-time work: a failure costs only the speed-up
             log.exception("pre-reading the next prompt of session %s failed", session_id)
+            self._heads_waiting.pop(session_id, None)
+        finally:
+            self._prefilling_session = None
+            self._prefilling = None
+        self._prefill_when_idle()  # the next waiting head, if still idle
 
-    async def _save_events(self, run: RequestRun) -> None:
-        """Write the log in batches: one transaction per wake-up, not per event."""
-        while True:
-            batch = run.take_unsaved()
-            if batch:
-                await self.store.write(lambda db, b=batch: sessions.append_events(
-                    db, run.session_id, run.id, b))
-                continue
-            if run.finished:
-                run.persisted.set()
-                return
-            await run.changed()
+    def status(self) -> dict[str, Any]:
+        """What the LLM is doing now, for operators and for tests that wait for idle time."""
+        answering = sum(1 for run in self.live.values() if run.stage == "running"
+                        and not run.finished)
+        prefilling = self._prefilling is not None and not self._prefilling.done()
+        return {"llm": "answering" if answering else "pre-reading" if prefilling else "idle",
+                "queued": self.queue.waiting, "heads_waiting": len(self._heads_waiting)}
 
     @staticmethod
     def _interrupted(run: RequestRun) -> dict[str, Any]:
@@ -244,3 +320,4 @@ class Conversations:
         for run in runs:
             run.task.cancel()  # type: ignore[union-attr]
         await asyncio.gather(*(r.task for r in runs if r.task), return_exceptions=True)
+        await asyncio.gather(*(r.saver for r in runs if r.saver), return_exceptions=True)

@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 async def serve(settings: Settings) -> None:
     with exclusive(settings.data_dir, "edgekb serve"):
         app = create_app(settings)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        # Handlers close their sockets within ws.CLOSE_WAIT_S of the shutdown notice.
+        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
         await runner.setup()  # runs every cleanup_ctx start-up: models, index, store
         try:
             site = web.TCPSite(runner, settings.server.host, settings.server.port)

@@ -61,8 +61,20 @@ def begin_request(store: Store, session_id: str, request_id: str, question: str)
     return cur.rowcount == 1
 
 
+@dataclass(frozen=True)
+class Ending:
+    """How a request ended, stored with its last event: state of the request and its turn."""
+    state: str          # done, cancelled, failed, interrupted
+    question: str
+    answer: str
+    sources: list[dict[str, Any]]
+    finish: str
+
+
 def append_events(store: Store, session_id: str, request_id: str,
-                  events: list[dict[str, Any]]) -> None:
+                  events: list[dict[str, Any]], ending: Ending | None = None) -> None:
+    """Append to a request's log; with ``ending``, also end the request and keep it as a turn
+    of the session, in the same transaction (a reader never sees `done` without the turn)."""
     with store.transaction():
         store.conn.executemany(
             "INSERT OR IGNORE INTO events (session_id, request_id, seq, body) VALUES (?,?,?,?)",
@@ -71,22 +83,20 @@ def append_events(store: Store, session_id: str, request_id: str,
              for e in events])
         store.conn.execute("UPDATE requests SET last_seq=max(last_seq, ?) WHERE session_id=?"
                            " AND id=?", (events[-1]["seq"], session_id, request_id))
+        if ending is not None:
+            _end_request(store, session_id, request_id, ending)
 
 
-def finish_request(store: Store, session_id: str, request_id: str, state: str,
-                   question: str, answer: str, sources: list[dict[str, Any]],
-                   finish: str) -> None:
-    """Mark the request ended and keep it as a turn of the session, in one transaction."""
-    with store.transaction():
-        store.conn.execute("UPDATE requests SET state=? WHERE session_id=? AND id=?",
-                           (state, session_id, request_id))
-        store.conn.execute(
-            "INSERT INTO turns (session_id, request_id, question, answer, sources, finish,"
-            " created_at) VALUES (?,?,?,?,?,?,?)",
-            (session_id, request_id, question, answer, json.dumps(sources, ensure_ascii=False),
-             finish, time.time()))
-        store.conn.execute("UPDATE sessions SET updated_at=? WHERE id=?",
-                           (time.time(), session_id))
+def _end_request(store: Store, session_id: str, request_id: str, ending: Ending) -> None:
+    now = time.time()
+    store.conn.execute("UPDATE requests SET state=? WHERE session_id=? AND id=?",
+                       (ending.state, session_id, request_id))
+    store.conn.execute(
+        "INSERT INTO turns (session_id, request_id, question, answer, sources, finish,"
+        " created_at) VALUES (?,?,?,?,?,?,?)",
+        (session_id, request_id, ending.question, ending.answer,
+         json.dumps(ending.sources, ensure_ascii=False), ending.finish, now))
+    store.conn.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
 
 
 def request_state(store: Store, session_id: str, request_id: str) -> tuple[str, int] | None:
@@ -125,7 +135,6 @@ def interrupt_running(store: Store) -> int:
         error = {"type": "error", "id": request_id, "seq": last_seq + 1, "code": "interrupted",
                  "message": "the server restarted while this answer was being written",
                  "text": text}
-        append_events(store, session_id, request_id, [error])
-        finish_request(store, session_id, request_id, "interrupted", question, text, sources,
-                       "interrupted")
+        append_events(store, session_id, request_id, [error],
+                      Ending("interrupted", question, text, sources, "interrupted"))
     return len(running)

@@ -5,6 +5,10 @@ each request it asked or resumed with one task that reads the request's log from
 hands frames to this connection's single writer through a small bounded queue. A slow reader
 therefore slows only its own followers, and a send that stays blocked for send_timeout_s drops
 the connection (close 4010): the client resumes where it stopped.
+
+Whatever ends a connection (the peer, the writer, the heartbeat, a take-over, shutdown) ends all
+of its tasks, and the close never waits long on a peer that does not read: after CLOSE_WAIT_S
+the socket is aborted, so a stalled client holds nothing.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
+import struct
 from typing import Any
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import __version__, keys, sessions
 from .conversations import Conversations
@@ -45,6 +51,7 @@ OUTBOX_FRAMES = 64
 # aiohttp's own cap, far above ours: frames between the two get a typed too_large error and the
 # connection lives on; only absurd frames make aiohttp close the socket.
 HARD_FRAME_CAP = 4 * 1024 * 1024
+CLOSE_WAIT_S = 5.0  # for the close handshake; then the socket is aborted
 
 
 class Connection:
@@ -60,6 +67,14 @@ class Connection:
         self.outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_FRAMES)
         self.followers: dict[str, asyncio.Task[None]] = {}
         self.last_message = asyncio.get_running_loop().time()
+        # Set once, by whatever ends the connection first: the close code and reason to send.
+        self.ending: asyncio.Future[tuple[int, bytes]] = \
+            asyncio.get_running_loop().create_future()
+
+    def end(self, code: int, reason: bytes) -> None:
+        """Ask the connection's handler to close (from any task; the first reason wins)."""
+        if not self.ending.done():
+            self.ending.set_result((code, reason))
 
     async def send(self, message: dict[str, Any]) -> None:
         await self.outbox.put(encode(message))
@@ -71,9 +86,10 @@ class Connection:
             try:
                 await asyncio.wait_for(self.ws.send_str(frame), timeout)
             except asyncio.TimeoutError:
-                await self.ws.close(code=CLOSE_TOO_SLOW, message=b"too slow; resume later")
+                self.end(CLOSE_TOO_SLOW, b"too slow; resume later")
                 return
             except ConnectionError:
+                self.end(WSCloseCode.ABNORMAL_CLOSURE, b"")
                 return
 
     async def welcome(self, resumed: bool) -> None:
@@ -92,6 +108,9 @@ class Connection:
             await self._dispatch(message)
         except EdgekbError as exc:
             await self.send(error_event(exc))
+        except Exception:  # a bug: the client gets `internal`, the connection lives on
+            log.exception("handling a frame of session %s failed", self.session_id)
+            await self.send(error_event(EdgekbError("internal error")))
 
     async def _dispatch(self, message: object) -> None:
         if isinstance(message, Ping):
@@ -103,9 +122,7 @@ class Connection:
                                          message.kbs)
             self._follow(message.id, 0)
         elif isinstance(message, Cancel):
-            if not self.conversations.cancel(self.session_id, message.id):
-                raise ProtocolError(UNKNOWN_REQUEST, f"no running request {message.id!r}",
-                                    id=message.id)
+            await self.conversations.cancel(self.session_id, message.id)
         elif isinstance(message, Resume):
             await self._resume(message)
         elif isinstance(message, Hello):
@@ -174,22 +191,56 @@ async def _take_over(app: web.Application, newcomer: Connection) -> None:
     for other in list(app[keys.CONNECTIONS]):
         if other is not newcomer and other.client_id == newcomer.client_id \
                 and other.session_id == newcomer.session_id:
-            await other.ws.close(code=CLOSE_TAKEN_OVER, message=b"taken over by a newer connection")
+            other.end(CLOSE_TAKEN_OVER, b"taken over by a newer connection")
 
 
 async def _watch(conn: Connection, heartbeat: Heartbeat) -> None:
-    """Close the connection when the peer is dead or idle too long."""
+    """End the connection when the peer is dead or idle too long."""
     dead = asyncio.create_task(heartbeat.run())
     try:
         while not dead.done():
             await asyncio.wait([dead], timeout=1.0)
             if conn.idle():
-                await conn.ws.close(code=CLOSE_IDLE, message=b"idle timeout")
+                conn.end(CLOSE_IDLE, b"idle timeout")
                 return
         log.info("peer of session %s is gone: closing", conn.session_id)
-        await conn.ws.close(code=1001, message=b"no heartbeat")
+        conn.end(WSCloseCode.GOING_AWAY, b"no heartbeat")
     finally:
         dead.cancel()
+
+
+async def _read(conn: Connection, heartbeat: Heartbeat) -> None:
+    async for msg in conn.ws:
+        heartbeat.saw_inbound()
+        if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            await conn.handle(msg.data)
+        elif msg.type == WSMsgType.PING:
+            await conn.ws.pong(msg.data)
+
+
+async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport | None,
+                 code: int, reason: bytes) -> None:
+    """Send the close frame and wait for the reply, but never long: a peer that does not
+    read would hold the socket and its buffers until TCP gives up (many minutes)."""
+    # A task, not wait_for: after a send timeout aiohttp's shared drain future is cancelled,
+    # and close() then raises CancelledError, which must not pass for our own cancellation.
+    closing = asyncio.create_task(ws.close(code=code, message=reason))
+    closing.add_done_callback(lambda t: t.cancelled() or t.exception())
+    done, _ = await asyncio.wait([closing], timeout=CLOSE_WAIT_S)
+    if not done:
+        closing.cancel()
+    if transport is not None and (not done or transport.get_write_buffer_size()):
+        _reset(transport)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Drop the connection with a TCP reset: a plain close would leave the kernel sending the
+    queued bytes (and holding their buffers) to a peer that does not read, for minutes."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
@@ -206,23 +257,20 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     existed = await app[keys.STORE].read(lambda db: sessions.session_exists(db, session_id))
     conn = Connection(request, ws, session_id)
     app[keys.CONNECTIONS].add(conn)
-    writer = asyncio.create_task(conn.write_loop())
     heartbeat = Heartbeat(settings.server.heartbeat_s, settings.server.pong_timeout_s,
                           ws.ping, request.transport.get_extra_info("socket")
                           if request.transport else None)
-    watcher = asyncio.create_task(_watch(conn, heartbeat))
     await conn.welcome(existed)
+    tasks = [asyncio.create_task(conn.write_loop()), asyncio.create_task(_watch(conn, heartbeat)),
+             asyncio.create_task(_read(conn, heartbeat))]
     try:
-        async for msg in ws:
-            heartbeat.saw_inbound()
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                await conn.handle(msg.data)
-            elif msg.type == WSMsgType.PING:
-                await ws.pong(msg.data)
+        # The reader ends when the peer closes; the others end the connection through `end`.
+        await asyncio.wait([*tasks, conn.ending], return_when=asyncio.FIRST_COMPLETED)
     finally:
         await conn.close_followers()
-        for task in (watcher, writer):
+        for task in tasks:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*tasks, return_exceptions=True)
+        code, reason = conn.ending.result() if conn.ending.done() else (WSCloseCode.OK, b"")
+        await _close(ws, request.transport, code, reason)  # type: ignore[arg-type]
     return ws

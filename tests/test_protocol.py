@@ -384,7 +384,6 @@ async def test_resume_after_a_graceful_restart_ends_with_interrupted(
     await _interrupt_then_resume(restart_data_dir, models_cache, "term", hard=False)
 
 
-@pytest.mark.skip(reason="known server bug A: kill -9 can reuse seq numbers (events sent before saved); see issue note")
 async def test_resume_after_a_kill_ends_with_interrupted_and_no_seq_twice(
         restart_data_dir: Path, models_cache: Path) -> None:
     await _interrupt_then_resume(restart_data_dir, models_cache, "kill", hard=True)
@@ -426,7 +425,6 @@ async def _flood_without_reading(sock: socket.socket, port: int, session: str, f
     return sent // len(history)
 
 
-@pytest.mark.skip(reason="known server bug C: a stalled reader's handler never ends; see issue note")
 async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
         tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path,
         models_cache: Path) -> None:
@@ -500,7 +498,6 @@ async def _history(ws: aiohttp.ClientWebSocketResponse, **fields: Any) -> dict[s
     return page
 
 
-@pytest.mark.skip(reason="known server bug B: done is sent before the turn is written; see issue note")
 async def test_history_returns_the_turns_in_order_with_paging(fast_server: Server) -> None:
     async with aiohttp.ClientSession() as http, connect(http, fast_server.ws_url) as ws:
         session = (await next_json(ws))["session"]
@@ -638,7 +635,6 @@ async def test_a_slow_link_that_keeps_reading_is_not_closed(heartbeat_server: Se
 
 # --- 9. a reader too slow for send_timeout_s is dropped, then resumes ------------------------
 
-@pytest.mark.skip(reason="known server bug C: a stalled reader is not disconnected; see issue note")
 async def test_a_client_that_stops_reading_is_dropped_and_resumes_completely(
         tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path, models_cache: Path,
         proxy_to: Any) -> None:

@@ -17,6 +17,8 @@ QUESTION, ASK, STOP = "[data-testid=question]", "[data-testid=ask]", "[data-test
 ANSWER_TIMEOUT = 180
 # Stages after which a card changes no more.
 FINAL = ("done", "length", "cancelled", "error")
+# A whole answer: ended by the model, or by max_tokens (greedy output differs between CPUs).
+ANSWERED = ("done", "length")
 
 # The newest card (cards are prepended) as the user sees it.
 NEWEST = """(() => {
@@ -86,7 +88,7 @@ async def test_demo_question_shows_sources_then_answer(browser: Browser, server:
 
     card = await card_when(browser, 1, FINAL)
     await browser.screenshot(tmp_path / "page.png", Path("/tmp/edgekb-page.png"))
-    assert card["stage"] == "done", card
+    assert card["stage"] in ANSWERED, card
     assert card["question"] == DEMO_QUESTION
     assert card["sources"] and ("pump-manual.md" in card["sources"][0]
                                 or "P-200" in card["sources"][0]), card["sources"]
@@ -109,7 +111,7 @@ async def test_demo_question_shows_sources_then_answer(browser: Browser, server:
 async def test_q_parameter_asks_once_on_load(browser: Browser, server: Server) -> None:
     await open_page(browser, f"{server.url}?q={quote(DEMO_QUESTION)}")
     card = await card_when(browser, 1, FINAL)
-    assert card["stage"] == "done", card
+    assert card["stage"] in ANSWERED, card
     assert card["question"] == DEMO_QUESTION
     assert card["sources"] and card["answer"].strip(), card
     assert (await browser.evaluate(NEWEST))["count"] == 1
@@ -130,7 +132,7 @@ async def test_stop_cancels_the_answer_and_the_page_still_answers(browser: Brows
 
     await ask(browser, "What does the AC-75 compressor do when it overheats?")
     card = await card_when(browser, 2, FINAL)
-    assert card["stage"] in ("done", "length"), card
+    assert card["stage"] in ANSWERED, card
     assert card["answer"].strip(), card
     # The stopped card stays stopped.
     older = await browser.evaluate(
