@@ -6,6 +6,9 @@ goes out only after a quiet interval; and when its pong is late, the peer's TCP 
 last word: if it acknowledged any of our bytes since the ping (TCP_INFO's last_ack_recv), the
 link is slow or the client busy, not dead. A peer is declared dead when the pong timeout passes
 with neither a frame nor a TCP acknowledgement: within interval + timeout of its last sign.
+
+Acknowledgements alone keep a peer for at most MAX_SILENT_S: behind a proxy that ends TCP (nginx,
+a Wi-Fi gateway) they come from the proxy, which acknowledges for a client long gone.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from collections.abc import Awaitable, Callable
 _TCP_INFO_LEN = 104
 _UNACKED_OFFSET = 24
 _LAST_ACK_RECV_OFFSET = 56
+# Longest a peer may stay without sending a frame (pong, ping, anything) while TCP acknowledges:
+# long enough to drain a full send queue over a 256 kbit/s link.
+MAX_SILENT_S = 120.0
 
 
 def tcp_acked_within(sock: socket.socket | None, seconds: float) -> bool | None:
@@ -40,15 +46,17 @@ def tcp_acked_within(sock: socket.socket | None, seconds: float) -> bool | None:
 
 class Heartbeat:
     def __init__(self, interval_s: float, timeout_s: float, ping: Callable[[], Awaitable[None]],
-                 sock: socket.socket | None) -> None:
+                 sock: socket.socket | None, max_silent_s: float = MAX_SILENT_S) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self._ping = ping
         self._sock = sock
         self.last_inbound = time.monotonic()
+        self.last_frame = self.last_inbound
+        self.max_silent_s = max(max_silent_s, 2 * (interval_s + timeout_s))
 
     def saw_inbound(self) -> None:
-        self.last_inbound = time.monotonic()
+        self.last_inbound = self.last_frame = time.monotonic()
 
     async def run(self) -> None:
         """Returns when the peer is dead; the caller closes the connection."""
@@ -67,7 +75,8 @@ class Heartbeat:
             since_ping = now - pinged_at
             if since_ping < self.timeout_s:
                 continue
-            if tcp_acked_within(self._sock, since_ping):
+            if now - self.last_frame < self.max_silent_s and \
+                    tcp_acked_within(self._sock, since_ping):
                 self.last_inbound = now  # the link carries our bytes: slow, not dead
                 pinged_at = None
                 continue
