@@ -17,6 +17,10 @@ from tokenizers import Tokenizer
 
 from .errors import ModelError
 
+# Padded tokens per onnxruntime run. On 2 cores 200-token chunks embed as fast two at a time as
+# ten at a time (27-28 chunks/s either way), and the arena's peak fell from 390 to 271 MB.
+TOKENS_PER_RUN = 512
+
 
 class Embedder:
     def __init__(self, model_path: Path, tokenizer_path: Path, *, dim: int, max_tokens: int = 256,
@@ -24,7 +28,7 @@ class Embedder:
         self.dim = dim
         self.max_tokens = max_tokens
         self.batch_size = batch_size
-        self.token_budget = batch_size * 128
+        self.token_budget = TOKENS_PER_RUN
         self.tokenizer = Tokenizer.from_file(str(tokenizer_path))
         # The shipped tokenizer.json pads and truncates to 128: set both explicitly.
         self.tokenizer.enable_truncation(max_length=max_tokens)

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from edgekb.catalog import verify
 from edgekb.config import Settings
+from edgekb.embed import TOKENS_PER_RUN
 from edgekb.engines import load_embedder, make_ingestor, open_catalog, open_library
 from edgekb.ingest import embedding_text
 from edgekb.store import Store
@@ -38,7 +39,7 @@ class RawEmbedder:
         paths = verify(settings.models_cache, entry)
         self.dim = int(entry.settings["dim"])
         self.batch_size = settings.embedding.batch_size
-        self.token_budget = self.batch_size * 128
+        self.token_budget = TOKENS_PER_RUN
         self.tokenizer = Tokenizer.from_file(str(paths["tokenizer"]))
         self.tokenizer.enable_truncation(max_length=int(entry.settings.get("max_tokens", 256)))
         self.tokenizer.no_padding()
