@@ -123,10 +123,11 @@ def render_pdf(markdown: str, path: Path) -> None:
             if len(pages[-1]) >= _PDF_PAGE_LINES:
                 pages.append([])
             pages[-1].append(wrapped)
-    path.write_bytes(_pdf_bytes(pages))
+    path.write_bytes(pdf_bytes(pages))
 
 
-def _pdf_bytes(pages: Sequence[Sequence[str]]) -> bytes:
+def pdf_bytes(pages: Sequence[Sequence[str]]) -> bytes:
+    """A minimal valid PDF: one Helvetica text line per string, one page per list."""
     count = len(pages)
     kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(count))
     font = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import time
 import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import docx
@@ -20,6 +19,7 @@ from edgekb.errors import (
     EncryptedDocument,
     UnsupportedFormat,
 )
+from edgekb.evaluation import pdf_bytes as make_pdf
 from edgekb.loaders import LoadedDocument, Section, load_document, supported
 
 
@@ -33,33 +33,6 @@ def write(path: Path, data: bytes) -> Path:
 
 
 # --- PDF -------------------------------------------------------------------------------------
-
-def make_pdf(pages: Sequence[Sequence[str]]) -> bytes:
-    """A minimal valid PDF: one Helvetica text line per string, one page per list."""
-    count = len(pages)
-    kids = " ".join(f"{4 + 2 * i} 0 R" for i in range(count))
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>",
-               f"<< /Type /Pages /Kids [{kids}] /Count {count} >>".encode(),
-               b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
-    for i, lines in enumerate(pages):
-        ops = "".join(f"BT /F1 12 Tf 72 {720 - 16 * j} Td ({line}) Tj ET\n"
-                      for j, line in enumerate(lines)).encode("latin-1")
-        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources "
-                       f"<< /Font << /F1 3 0 R >> >> /Contents {5 + 2 * i} 0 R >>".encode())
-        objects.append(b"<< /Length %d >>\nstream\n%sendstream" % (len(ops), ops))
-    out = io.BytesIO()
-    out.write(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(out.tell())
-        out.write(b"%d 0 obj\n%s\nendobj\n" % (number, body))
-    xref = out.tell()
-    out.write(b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1))
-    out.write(b"".join(b"%010d 00000 n \n" % offset for offset in offsets))
-    out.write(b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n"
-              % (len(objects) + 1, xref))
-    return out.getvalue()
-
 
 def rewrite(pdf: bytes, change) -> bytes:
     writer = PdfWriter(clone_from=PdfReader(io.BytesIO(pdf)))

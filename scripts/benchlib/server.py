@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import subprocess
 import sys
 import threading
@@ -14,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import serverproc
 
 from .common import HOST, edgekb_env, proc_status_kb
 
-READY = re.compile(r"edgekb ready on http://([\d.]+):(\d+)/")
 PROTOCOL = "edgekb.v1"
 # An answer takes seconds on a quiet machine; other LLM processes on 2 cores slow it 20-fold.
 ANSWER_TIMEOUT_S = 900
@@ -50,13 +49,7 @@ class Server:
         return proc_status_kb(self.pid, "VmHWM")
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        serverproc.stop(self.process)
         if self._drain is not None:
             self._drain.join(timeout=5)
 
@@ -85,7 +78,7 @@ def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float 
                 out.write(line)
                 out.flush()
                 if not ready.is_set():
-                    match = READY.search(line.decode(errors="replace"))
+                    match = serverproc.READY.search(line.decode(errors="replace"))
                     if match:
                         found["at"] = time.perf_counter()
                         found["url"] = f"http://{match[1]}:{match[2]}/"

@@ -11,10 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import serverproc
+
 from .badlink import BadLink
 
 REPO = Path(__file__).resolve().parents[2]
-READY = re.compile(r"edgekb ready on http://([\d.]+):(\d+)/")
 # The namespace is the server's own, so this port is always free there.
 SERVER_PORT = 8080
 PR_SET_PDEATHSIG = 1
@@ -57,7 +58,7 @@ class Server:
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if READY.search(self.log.read_text()):
+            if serverproc.READY.search(self.log.read_text()):
                 cmdline = Path(f"/proc/{self.process.pid}/cmdline").read_bytes()
                 if b"edgekb" not in cmdline:
                     raise RuntimeError("the server pid is not the edgekb process")
@@ -80,11 +81,4 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
     def stop(self) -> int | None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        return self.process.returncode
+        return serverproc.stop(self.process)
