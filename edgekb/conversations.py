@@ -110,16 +110,17 @@ class Conversations:
                   kbs: tuple[str, ...] | None = None) -> RequestRun:
         if self.closing:
             raise Busy("the server is going down; ask again in a moment", retry_after=10)
-        # A head being pre-read for this very session is the start of this prompt: let it run.
-        if self._prefilling_session != session_id:
-            self._idle_cancel.set()
-        self._heads_waiting.pop(session_id, None)
         key = (session_id, request_id)
         fresh = key not in self.live and await self.store.write(
             lambda db: sessions.begin_request(db, session_id, request_id, question))
         if not fresh:
             raise ProtocolError(ID_REUSE, f"request id {request_id!r} was already used in this"
                                 " session; resume it or use a new id", id=request_id)
+        # No await from here until the run is live, so no idle work can start in between.
+        # A head being pre-read for this very session is the start of this prompt: let it run.
+        if self._prefilling_session != session_id:
+            self._idle_cancel.set()
+        self._heads_waiting.pop(session_id, None)
         run = RequestRun(session_id, request_id, question, kbs)
         self.live[key] = run
         run.task = asyncio.create_task(self._produce(run, user))

@@ -281,6 +281,8 @@ class LlmEngine:
     async def prefill(self, text: str, cache_key: str, cancel: threading.Event) -> int:
         """Read ``text`` into the KV cache while the LLM is idle and keep the state for
         ``cache_key``; stops between steps once ``cancel`` is set. Returns tokens read."""
+        if not self.states.max_bytes:
+            return 0  # without snapshots the next question of any session would undo it
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._worker, self._prefill, text, cache_key, cancel)
 
@@ -289,6 +291,5 @@ class LlmEngine:
         if cancel.is_set() or len(tokens) >= self.n_ctx:
             return 0
         cached = self._read_prompt(tokens, cache_key, cancel, lambda _: None)
-        if self.states.max_bytes:
-            self.states.put(cache_key, self._save_state())
+        self.states.put(cache_key, self._save_state())
         return self.llama.n_tokens - cached

@@ -117,6 +117,19 @@ async def connect(http: aiohttp.ClientSession, url: str, session_id: str | None 
     return ws, welcome
 
 
+async def until_idle(http: aiohttp.ClientSession, server: Server, timeout: float = 120) -> None:
+    """Wait until the server's LLM has nothing to do, idle-time pre-reading included (it would
+    share the cores with whatever is measured next)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with http.get(server.url + "api/status") as response:
+            status = await response.json()
+        if status["llm"] == "idle" and status["heads_waiting"] == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"the server's LLM was still busy after {timeout:.0f} s: {status}")
+
+
 async def receive(ws: aiohttp.ClientWebSocketResponse, timeout: float) -> dict[str, Any]:
     msg = await ws.receive(timeout=timeout)
     if msg.type != aiohttp.WSMsgType.TEXT:

@@ -30,7 +30,17 @@ from .llm import (
     same_text,
     summarize_pair,
 )
-from .server import Answer, Server, ask, connect, follow, ingest_demo, send_ask, start_server
+from .server import (
+    Answer,
+    Server,
+    ask,
+    connect,
+    follow,
+    ingest_demo,
+    send_ask,
+    start_server,
+    until_idle,
+)
 
 DETERMINISTIC = ("generation.temperature=0",)
 QUEUE_CLIENTS = 3
@@ -48,6 +58,7 @@ async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
             ws, _ = await connect(http, server.ws_url)
             answer = await ask(ws, f"s{number}", prompt.question)
             await ws.close()
+            await until_idle(http, server)
             done = answer.done
             run = raw.run(prompt, done["usage"].get("cached_prompt_tokens", 0))
             pair = summarize_pair(prompt, done, run, answer.client_tokens_per_s(),
@@ -63,7 +74,7 @@ async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
 
 async def follow_ups(server: Server, count: int) -> list[Answer]:
     """The third answer of each of ``count`` three-question conversations, another session's
-    question asked before each third one.
+    question asked before each third one, and a pause until the server is idle (users read).
 
     Run first on a freshly started server: the two servers then do exactly the same work up to
     each third question, so the conversations' earlier answers, and thus the third prompts, are
@@ -77,6 +88,7 @@ async def follow_ups(server: Server, count: int) -> list[Answer]:
             await ask(ws, f"f{number}-2", questions[1])
             other, _ = await connect(http, server.ws_url)
             await ask(other, f"f{number}-x", INTERLEAVED)
+            await until_idle(http, server)  # both users read their answers
             thirds.append(await ask(ws, f"f{number}-3", questions[2]))
             await other.close()
             await ws.close()
@@ -147,7 +159,8 @@ def record_follow_up(sheet: Sheet, reuse: list[Answer], fresh: list[Answer]) -> 
             if a.done["usage"]["prompt_tokens"] == b.done["usage"]["prompt_tokens"]]
     sheet.put("followup_ttft_ratio", median([a.ttft_ms / b.ttft_ms for a, b in same])
               if same else None,
-              f"TTFT of the 3rd question of a conversation (another session asked in between) "
+              f"TTFT of the 3rd question of a conversation (another session asked in between, "
+              f"then a pause until the server was idle) "
               f"on the default server (its KV state cache restores the session's prefix) / the "
               f"same question with the same prompt on a server with "
               f"generation.state_cache_mb=0; median over {len(same)} of {len(reuse)} "
