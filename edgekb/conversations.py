@@ -24,7 +24,7 @@ from typing import Any
 from . import sessions
 from .answer import AnswerEngine, AnswerOptions
 from .errors import Busy, EdgekbError, ProtocolError
-from .protocol import ID_REUSE, UNKNOWN_REQUEST, error_event
+from .protocol import ID_REUSE, UNKNOWN_REQUEST, encode, error_event
 from .scheduler import FairQueue
 from .sessions import Ending
 from .store import AsyncStore
@@ -35,7 +35,7 @@ REPLAY_PAGE = 256
 HISTORY_TURNS = 6  # most recent turns offered to the prompt (it keeps what fits)
 MAX_HEADS_WAITING = 8  # sessions whose next prompt head waits to be pre-read when idle
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+Send = Callable[[str], Awaitable[None]]  # one encoded frame
 
 
 @dataclass(eq=False)
@@ -45,6 +45,7 @@ class RequestRun:
     question: str
     kbs: tuple[str, ...] | None
     events: list[dict[str, Any]] = field(default_factory=list)
+    frames: list[str] = field(default_factory=list)  # events encoded once: wire and SQLite
     saved: int = 0                 # events[:saved] are in SQLite; only those are sent
     ending: Ending | None = None   # set with the last event, and stored with it
     followers: int = 0
@@ -68,6 +69,7 @@ class RequestRun:
     def append(self, event: dict[str, Any]) -> dict[str, Any]:
         full = {**event, "id": self.id, "seq": len(self.events) + 1}
         self.events.append(full)
+        self.frames.append(encode(full))
         self._produced.set()
         return full
 
@@ -156,9 +158,9 @@ class Conversations:
         try:
             while True:
                 if cursor < run.saved:
-                    for event in run.events[cursor:run.saved]:
-                        await send(event)
-                        cursor = event["seq"]
+                    for seq in range(cursor + 1, run.saved + 1):
+                        await send(run.frames[seq - 1])
+                        cursor = seq
                     continue
                 if run.complete:
                     return
@@ -177,13 +179,13 @@ class Conversations:
                                 id=request_id)
         cursor = after
         for _ in range(state[1] // REPLAY_PAGE + 2):  # bounded: the log has last_seq events
-            page = await self.store.read(lambda db: sessions.events_after(
+            page = await self.store.read(lambda db: sessions.frames_after(
                 db, session_id, request_id, cursor, REPLAY_PAGE))
             if not page:
                 return
-            for event in page:
-                await send(event)
-                cursor = event["seq"]
+            for seq, frame in page:
+                await send(frame)
+                cursor = seq
 
     def _grace_expired(self, run: RequestRun) -> None:
         if run.followers == 0 and not run.finished:
@@ -248,7 +250,7 @@ class Conversations:
             if upto == run.saved:
                 await run.produced()
                 continue
-            batch = run.events[run.saved:upto]
+            batch = [(seq, run.frames[seq - 1]) for seq in range(run.saved + 1, upto + 1)]
             ending = run.ending if run.finished and upto == len(run.events) else None
             try:
                 await self.store.write(lambda db: sessions.append_events(

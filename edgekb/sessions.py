@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .protocol import encode
 from .store import Store
 
 
@@ -72,17 +73,16 @@ class Ending:
 
 
 def append_events(store: Store, session_id: str, request_id: str,
-                  events: list[dict[str, Any]], ending: Ending | None = None) -> None:
-    """Append to a request's log; with ``ending``, also end the request and keep it as a turn
-    of the session, in the same transaction (a reader never sees `done` without the turn)."""
+                  frames: list[tuple[int, str]], ending: Ending | None = None) -> None:
+    """Append encoded events (seq, frame) to a request's log; with ``ending``, also end the
+    request and keep it as a turn of the session, in the same transaction (a reader never
+    sees `done` without the turn)."""
     with store.transaction():
         store.conn.executemany(
             "INSERT OR IGNORE INTO events (session_id, request_id, seq, body) VALUES (?,?,?,?)",
-            [(session_id, request_id, e["seq"], json.dumps(e, ensure_ascii=False,
-                                                           separators=(",", ":")))
-             for e in events])
+            [(session_id, request_id, seq, frame) for seq, frame in frames])
         store.conn.execute("UPDATE requests SET last_seq=max(last_seq, ?) WHERE session_id=?"
-                           " AND id=?", (events[-1]["seq"], session_id, request_id))
+                           " AND id=?", (frames[-1][0], session_id, request_id))
         if ending is not None:
             _end_request(store, session_id, request_id, ending)
 
@@ -105,12 +105,12 @@ def request_state(store: Store, session_id: str, request_id: str) -> tuple[str, 
     return (row[0], row[1]) if row else None
 
 
-def events_after(store: Store, session_id: str, request_id: str, after: int,
-                 limit: int) -> list[dict[str, Any]]:
-    rows = store.conn.execute(
-        "SELECT body FROM events WHERE session_id=? AND request_id=? AND seq>? ORDER BY seq"
-        " LIMIT ?", (session_id, request_id, after, limit))
-    return [json.loads(r[0]) for r in rows]
+def frames_after(store: Store, session_id: str, request_id: str, after: int,
+                 limit: int) -> list[tuple[int, str]]:
+    """(seq, encoded event) of the request's log after ``after``, as they were sent."""
+    return store.conn.execute(
+        "SELECT seq, body FROM events WHERE session_id=? AND request_id=? AND seq>? ORDER BY seq"
+        " LIMIT ?", (session_id, request_id, after, limit)).fetchall()
 
 
 def turns(store: Store, session_id: str, before: int | None, limit: int) -> list[Turn]:
@@ -129,12 +129,13 @@ def interrupt_running(store: Store) -> int:
         "SELECT session_id, id, question, last_seq FROM requests WHERE state='running'"
     ).fetchall()
     for session_id, request_id, question, last_seq in running:
-        events = events_after(store, session_id, request_id, 0, last_seq + 1)
+        events = [json.loads(frame) for _, frame in
+                  frames_after(store, session_id, request_id, 0, last_seq + 1)]
         text = "".join(e.get("text", "") for e in events if e["type"] == "delta")
         sources = next((e["sources"] for e in events if e["type"] == "sources"), [])
         error = {"type": "error", "id": request_id, "seq": last_seq + 1, "code": "interrupted",
                  "message": "the server restarted while this answer was being written",
                  "text": text}
-        append_events(store, session_id, request_id, [error],
+        append_events(store, session_id, request_id, [(error["seq"], encode(error))],
                       Ending("interrupted", question, text, sources, "interrupted"))
     return len(running)

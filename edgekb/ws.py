@@ -79,6 +79,10 @@ class Connection:
     async def send(self, message: dict[str, Any]) -> None:
         await self.outbox.put(encode(message))
 
+    async def send_frame(self, frame: str) -> None:
+        """An event already encoded (a request's events are encoded once, for everyone)."""
+        await self.outbox.put(frame)
+
     async def write_loop(self) -> None:
         timeout = self.settings.server.send_timeout_s
         while True:
@@ -169,7 +173,8 @@ class Connection:
 
     async def _follow_task(self, request_id: str, after: int) -> None:
         try:
-            await self.conversations.follow(self.session_id, request_id, after, self.send)
+            await self.conversations.follow(self.session_id, request_id, after,
+                                            self.send_frame)
         except EdgekbError as exc:
             await self.send(error_event(exc))
 
