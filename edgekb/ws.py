@@ -275,7 +275,10 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         await conn.close_followers()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(outcome, Exception):
+                log.error("a task of a connection of session %s failed", conn.session_id,
+                          exc_info=outcome)
         code, reason = conn.ending.result() if conn.ending.done() else (WSCloseCode.OK, b"")
         await _close(ws, request.transport, code, reason)  # type: ignore[arg-type]
     return ws
