@@ -14,6 +14,7 @@ it is cancelled.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections import OrderedDict
@@ -44,9 +45,8 @@ class RequestRun:
     id: str
     question: str
     kbs: tuple[str, ...] | None
-    events: list[dict[str, Any]] = field(default_factory=list)
-    frames: list[str] = field(default_factory=list)  # events encoded once: wire and SQLite
-    saved: int = 0                 # events[:saved] are in SQLite; only those are sent
+    frames: list[str] = field(default_factory=list)  # events, encoded once: wire and SQLite
+    saved: int = 0                 # frames[:saved] are in SQLite; only those are sent
     ending: Ending | None = None   # set with the last event, and stored with it
     followers: int = 0
     stage: str = "new"             # new (task not started yet), queued, running
@@ -64,14 +64,11 @@ class RequestRun:
     @property
     def complete(self) -> bool:
         """Every event, the last one included, is saved."""
-        return self.finished and self.saved == len(self.events)
+        return self.finished and self.saved == len(self.frames)
 
-    def append(self, event: dict[str, Any]) -> dict[str, Any]:
-        full = {**event, "id": self.id, "seq": len(self.events) + 1}
-        self.events.append(full)
-        self.frames.append(encode(full))
+    def append(self, event: dict[str, Any]) -> None:
+        self.frames.append(encode({**event, "id": self.id, "seq": len(self.frames) + 1}))
         self._produced.set()
-        return full
 
     def finish(self, event: dict[str, Any], ending: Ending) -> None:
         self.append(event)
@@ -246,12 +243,12 @@ class Conversations:
         """Write the log in batches, one transaction per wake-up, and only then release the
         events to followers. The last batch also stores the turn."""
         while not run.complete:
-            upto = len(run.events)
+            upto = len(run.frames)
             if upto == run.saved:
                 await run.produced()
                 continue
             batch = [(seq, run.frames[seq - 1]) for seq in range(run.saved + 1, upto + 1)]
-            ending = run.ending if run.finished and upto == len(run.events) else None
+            ending = run.ending if run.finished and upto == len(run.frames) else None
             try:
                 await self.store.write(lambda db: sessions.append_events(
                     db, run.session_id, run.id, batch, ending))
@@ -300,15 +297,17 @@ class Conversations:
 
     def status(self) -> dict[str, Any]:
         """What the LLM is doing now, for operators and for tests that wait for idle time."""
-        answering = sum(1 for run in self.live.values() if run.stage == "running"
-                        and not run.finished)
+        answering = any(run.stage == "running" and not run.finished
+                        for run in self.live.values())
         prefilling = self._prefilling is not None and not self._prefilling.done()
         return {"llm": "answering" if answering else "pre-reading" if prefilling else "idle",
                 "queued": self.queue.waiting, "heads_waiting": len(self._heads_waiting)}
 
     @staticmethod
     def _interrupted(run: RequestRun) -> dict[str, Any]:
-        text = "".join(e.get("text", "") for e in run.events if e["type"] == "delta")
+        # Shutdown only: decoding the log once here beats keeping every event twice.
+        events = [json.loads(frame) for frame in run.frames]
+        text = "".join(e.get("text", "") for e in events if e["type"] == "delta")
         return {"type": "error", "code": "interrupted", "text": text,
                 "message": "the server shut down while this answer was being written"}
 

@@ -44,11 +44,6 @@ class FairQueue:
         self._service_s = 10.0  # moving average of slot hold time, for retry-after
 
     @property
-    def busy(self) -> bool:
-        """Whether an answer runs or waits."""
-        return self._free < self._slots or bool(self._users)
-
-    @property
     def waiting(self) -> int:
         return sum(len(q) for q in self._users.values())
 
