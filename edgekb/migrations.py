@@ -92,6 +92,16 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX turns_session ON turns(session_id, id);
     """,
+    # 4: people who sign in on the web page (tokens for devices need no row).
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,               -- admin | user
+        password TEXT NOT NULL,           -- scrypt$n$r$p$salt$hash
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 

@@ -1,4 +1,9 @@
-"""PDF -> one section per page (1-based), headed by the outline entry in force on that page."""
+"""PDF -> one section per page (1-based), headed by the outline entry in force on that page.
+
+Streams are inflated under the ceilings of inflate.py: pypdf's own limits cap each stream at
+the per-part ceiling (pypdf keeps decoded streams cached, so they add up), and the decoded page
+contents are counted against the per-document ceiling.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pypdf import PasswordType, PdfReader
-from pypdf.errors import DependencyError
+from pypdf import PasswordType, PdfReader, apply_configuration
+from pypdf.errors import DependencyError, LimitReachedError
 
 from ..errors import DocumentTooLarge, EmptyDocument, EncryptedDocument
 from .base import LoadedDocument, Section, TextBudget, title_from_text
+from .inflate import InflateBudget, InflateLimits, current_limits
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +85,27 @@ def _metadata_title(reader: PdfReader) -> str:
     return "" if title.lower() in _JUNK_TITLES or title.startswith("Microsoft Word - ") else title
 
 
+def _pypdf_limits(limits: InflateLimits) -> dict[str, int]:
+    """pypdf's per-stream output limits, all set to our per-part ceiling."""
+    part = limits.part_bytes
+    return {"zlib_maximum_output_length": part, "lzw_maximum_output_length": part,
+            "run_length_maximum_output_length": part, "brotli_maximum_output_length": part,
+            "array_based_stream_maximum_output_length": part,
+            "stream_decoding_work_maximum_length": part, "image_maximum_buffer_size": part,
+            "jbig2_maximum_output_length": part}
+
+
 def load_pdf(path: Path, data: bytes) -> LoadedDocument:
+    limits = current_limits()
+    try:
+        with apply_configuration(**_pypdf_limits(limits)):
+            return _load_pdf(path, data, InflateBudget(path, limits))
+    except LimitReachedError as exc:
+        raise DocumentTooLarge(f"{path.name}: a stream inflates past the "
+                               f"{limits.part_bytes // 2**20} MB limit ({exc})") from None
+
+
+def _load_pdf(path: Path, data: bytes, inflated: InflateBudget) -> LoadedDocument:
     reader = _open(path, data)
     count = len(reader.pages)
     if count > MAX_PAGES:
@@ -88,6 +114,8 @@ def load_pdf(path: Path, data: bytes) -> LoadedDocument:
     budget = TextBudget(path)
     sections: list[Section] = []
     for number, page in enumerate(reader.pages, start=1):
+        contents = page.get_contents()  # decoded under pypdf's limits, and cached by it
+        inflated.add(f"page {number}", len(contents.get_data()) if contents else 0)
         text = budget.take(page.extract_text().replace("\x00", "")).strip()
         if text:
             sections.append(Section(headings[number], number, text))
