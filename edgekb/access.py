@@ -67,6 +67,12 @@ _LOCAL_USER = Principal("local", "admin", "", float("inf"), 0.0, via="none")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+# Set on every request by the middleware, for handlers and the audit trail.
+REQUEST_ID = web.RequestKey("request_id", str)
+CLIENT_ADDRESS = web.RequestKey("client_address", str)
+PRINCIPAL = web.RequestKey("principal", Principal)
+AUDIT_DETAILS = web.RequestKey("audit_details", dict)  # a handler's extra audit fields
+
 
 class Forbidden(EdgekbError):
     code = "forbidden"
@@ -242,11 +248,11 @@ def _is_upgrade(request: web.Request) -> bool:
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     access: Access = request.app[ACCESS]
     request_id = secrets.token_hex(6)
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     peer = request.transport.get_extra_info("peername") if request.transport else None
     peer_address = str(peer[0]) if peer else "local"
     address = client_address(peer_address, request.headers, access.trusted)
-    request["client_address"] = address
+    request[CLIENT_ADDRESS] = address
     guard = request.transport.get_protocol() if request.transport else None
     if isinstance(guard, GuardedProtocol):
         guard.request_started(request)
@@ -268,7 +274,7 @@ async def _admit(access: Access, request: web.Request, handler: Handler, address
         if upgrade or changing:
             access.check_origin(request, required=False)
         if request.path in access.public_paths or request.path.startswith(PUBLIC_PREFIXES):
-            return await handler(request)
+            return await _handle(handler, request, request_id)
         principal = access.principal(request)
         user = principal.sub
         if principal.via == "cookie" and (upgrade or changing):
@@ -281,7 +287,7 @@ async def _admit(access: Access, request: web.Request, handler: Handler, address
         role = getattr(target, "edgekb_role", "user" if not changing else "admin")
         if role == "admin" and not principal.is_admin:
             raise Forbidden(f"{request.method} {request.path} needs the admin role")
-        request["principal"] = principal
+        request[PRINCIPAL] = principal
     except EdgekbError as exc:
         access.audit.record("refused", user=user, address=address, request=request_id,
                             outcome=exc.code, method=request.method, path=request.path,
@@ -289,13 +295,25 @@ async def _admit(access: Access, request: web.Request, handler: Handler, address
         return error_response(exc, request_id)
     if upgrade:
         return await _websocket(access, request, handler, principal, address, request_id)
-    response = await handler(request)
+    response = await _handle(handler, request, request_id)
     if changing:
         event = getattr(request.match_info.handler, "edgekb_audit", "request")
         access.audit.record(event, user=principal.sub, address=address, request=request_id,
                             outcome=str(response.status), method=request.method,
                             path=request.path, bytes=request.content.total_bytes,
-                            **request.get("audit", {}))
+                            **request.get(AUDIT_DETAILS, {}))
+    return response
+
+
+async def _handle(handler: Handler, request: web.Request,
+                  request_id: str) -> web.StreamResponse:
+    """The handler's response; a typed error it raised (a body cut off as too slow, say)
+    becomes its typed response here too."""
+    try:
+        response = await handler(request)
+    except EdgekbError as exc:
+        return error_response(exc, request_id)
+    response.headers["X-Request-Id"] = request_id
     return response
 
 
@@ -338,8 +356,8 @@ def _peer(request: web.Request) -> str:
 async def login(request: web.Request) -> web.Response:
     """POST /api/login {"name", "password"} -> the HttpOnly token cookie and a CSRF token."""
     access: Access = request.app[ACCESS]
-    address = request["client_address"]
-    request_id = request["request_id"]
+    address = request[CLIENT_ADDRESS]
+    request_id = request[REQUEST_ID]
     if access.authority is None or access.store is None:
         return error_response(EdgekbError("sign-in is off (auth.enabled is false)"),
                               request_id)
@@ -397,7 +415,7 @@ async def _credentials(request: web.Request) -> tuple[str, str]:
 async def logout(request: web.Request) -> web.Response:
     """End this login: its token is revoked (not only its cookie cleared)."""
     access: Access = request.app[ACCESS]
-    principal: Principal = request["principal"]
+    principal = request[PRINCIPAL]
     if access.authority is not None and principal.jti:
         authority = access.authority
         await asyncio.get_running_loop().run_in_executor(
@@ -410,7 +428,7 @@ async def logout(request: web.Request) -> web.Response:
 
 async def whoami(request: web.Request) -> web.Response:
     """GET /api/me: who the credential belongs to (the page asks before connecting)."""
-    principal: Principal = request["principal"]
+    principal = request[PRINCIPAL]
     return web.json_response({"user": principal.sub, "role": principal.role,
                               "expires": principal.expires if principal.jti else None,
                               "via": principal.via})
