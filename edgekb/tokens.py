@@ -243,7 +243,7 @@ class TokenAuthority:
         key = self._keys.current
         now = time.time()
         claims: dict[str, Any] = {"iss": self.issuer, "aud": self.audience, "sub": sub,
-                                  "role": role, "iat": int(now), "exp": int(now + ttl_s),
+                                  "role": role, "iat": round(now, 3), "exp": int(now + ttl_s),
                                   "jti": secrets.token_urlsafe(12)}
         if csrf:
             claims["csrf"] = csrf
@@ -297,8 +297,8 @@ class TokenAuthority:
     def revoke_subject(self, sub: str) -> None:
         """Every token of ``sub`` issued until now stops working (a removed user, a lost
         device); tokens issued afterwards work."""
-        # iat has whole seconds: a token issued in this second must be refused too.
-        self.store.update(lambda keys: keys.not_before.__setitem__(sub, time.time() + 1))
+        # Our tokens carry iat in milliseconds, so "until now" is exact.
+        self.store.update(lambda keys: keys.not_before.__setitem__(sub, time.time()))
         self.refresh()
 
 

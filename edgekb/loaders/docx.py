@@ -61,7 +61,7 @@ def _check_package(path: Path, data: bytes) -> None:
     declared = sum(member.file_size for member in members)
     if declared > limits.document_bytes:  # an honest big archive: refused without inflating
         raise DocumentTooLarge(f"{path.name}: unpacks to {declared // 2**20} MB, over the "
-                               f"{limits.document_bytes // 2**20} MB limit")
+                               f"{limits.document_bytes // 2**20} MB limit (a zip bomb?)")
     verify_zip_members(path, data, members, InflateBudget(path, limits))
 
 

@@ -6,7 +6,8 @@ compressed data in one call before it truncates to the declared size, so a 2 MiB
 counted against a per-part and a per-document ceiling, and it is refused the moment either is
 passed, or when what it produces differs from what it declared (size or CRC). Memory stays at a
 few MiB whatever the archive says. PDF streams get the same ceilings through pypdf's own limits
-(per stream) and a per-document count kept by the PDF loader.
+(per stream, as a second line) and a bounded count of each page's Flate streams before pypdf
+decodes them, against both ceilings.
 
 The ceilings come from settings (ingest.part_inflated_mb, ingest.document_inflated_mb); the
 ingestor passes them to load_document, which makes them current for the loaders below it.
@@ -69,11 +70,32 @@ class InflateBudget:
     def add(self, part: str, size: int) -> None:
         if size > self.limits.part_bytes:
             raise DocumentTooLarge(f"{self.path.name}: {part} inflates to more than "
-                                   f"{self.limits.part_bytes // 2**20} MB (a zip bomb?)")
+                                   f"{self.limits.part_bytes // 2**20} MB (a decompression bomb?)")
         self.used += size
         if self.used > self.limits.document_bytes:
             raise DocumentTooLarge(f"{self.path.name}: inflates to more than "
                                    f"{self.limits.document_bytes // 2**20} MB in all")
+
+
+def count_inflated(raw: bytes, cap: int) -> int:
+    """Bytes a zlib stream (PDF FlateDecode) inflates to, counted in bounded steps and stopped
+    past ``cap`` (the count returned is then cap + 1). A damaged stream counts what inflated
+    before the damage; its reader's own limits deal with the rest."""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # zlib or gzip header
+    size = 0
+    try:
+        for offset in range(0, len(raw), INPUT_STEP):
+            pending = raw[offset:offset + INPUT_STEP]
+            while pending:
+                size += len(inflater.decompress(pending, OUTPUT_STEP))
+                pending = inflater.unconsumed_tail
+                if size > cap:
+                    return cap + 1
+                if inflater.eof:
+                    return size
+    except zlib.error:
+        pass
+    return size
 
 
 def verify_zip_members(path: Path, data: bytes, members: list[zipfile.ZipInfo],
@@ -105,7 +127,8 @@ def _data_offset(path: Path, view: memoryview, member: zipfile.ZipInfo) -> int:
 
 def _inflate_counting(path: Path, member: zipfile.ZipInfo, raw: memoryview,
                       budget: InflateBudget) -> tuple[int, int]:
-    """(bytes produced, CRC-32) of one member, refused as soon as a ceiling is passed."""
+    """(bytes produced, CRC-32) of one member, refused as soon as it passes its declared size
+    or a ceiling."""
     part_left = budget.limits.part_bytes
     size, crc = 0, 0
     if member.compress_type == zipfile.ZIP_STORED:
@@ -122,6 +145,9 @@ def _inflate_counting(path: Path, member: zipfile.ZipInfo, raw: memoryview,
                     from None
             pending = inflater.unconsumed_tail
             size += len(out)
+            if size > member.file_size:
+                raise DocumentTooLarge(f"{path.name}: {member.filename} inflates past the "
+                                       f"{member.file_size} bytes it declares (a zip bomb?)")
             if size > part_left:
                 budget.add(member.filename, size)  # raises: over the part ceiling
             crc = zlib.crc32(out, crc)

@@ -1,8 +1,10 @@
 """PDF -> one section per page (1-based), headed by the outline entry in force on that page.
 
-Streams are inflated under the ceilings of inflate.py: pypdf's own limits cap each stream at
-the per-part ceiling (pypdf keeps decoded streams cached, so they add up), and the decoded page
-contents are counted against the per-document ceiling.
+Streams are inflated under the ceilings of inflate.py. pypdf decodes a stream whole in memory
+(up to its own limit, then it fails) and keeps it cached, so before a page is read its Flate
+content streams and form XObjects are inflated by a counter that keeps nothing, against the
+per-part and per-document ceilings; pypdf's own limits, set to the per-part ceiling, guard the
+other filters.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pypdf.errors import DependencyError, LimitReachedError
 
 from ..errors import DocumentTooLarge, EmptyDocument, EncryptedDocument
 from .base import LoadedDocument, Section, TextBudget, title_from_text
-from .inflate import InflateBudget, InflateLimits, current_limits
+from .inflate import InflateBudget, InflateLimits, count_inflated, current_limits
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,26 @@ def _metadata_title(reader: PdfReader) -> str:
     return "" if title.lower() in _JUNK_TITLES or title.startswith("Microsoft Word - ") else title
 
 
+def _flate_streams(page: Any) -> list[Any]:
+    """The page's content streams and form XObjects whose only filter is FlateDecode (what
+    pypdf decodes to read the page's text), with their raw bytes."""
+    found: list[Any] = []
+    contents = page.get("/Contents")
+    contents = contents.get_object() if contents is not None else None
+    candidates = list(contents) if isinstance(contents, list) else [contents]
+    resources = page.get("/Resources")
+    xobjects = resources.get_object().get("/XObject") if resources is not None else None
+    if xobjects is not None:
+        candidates.extend(xobjects.get_object().values())
+    for candidate in candidates:
+        stream = candidate.get_object() if candidate is not None else None
+        # _data is pypdf's raw (still encoded) stream; without it pypdf's limits stand alone.
+        if isinstance(getattr(stream, "_data", None), bytes) and \
+                stream.get("/Filter") == "/FlateDecode":
+            found.append(stream)
+    return found
+
+
 def _pypdf_limits(limits: InflateLimits) -> dict[str, int]:
     """pypdf's per-stream output limits, all set to our per-part ceiling."""
     part = limits.part_bytes
@@ -114,8 +136,9 @@ def _load_pdf(path: Path, data: bytes, inflated: InflateBudget) -> LoadedDocumen
     budget = TextBudget(path)
     sections: list[Section] = []
     for number, page in enumerate(reader.pages, start=1):
-        contents = page.get_contents()  # decoded under pypdf's limits, and cached by it
-        inflated.add(f"page {number}", len(contents.get_data()) if contents else 0)
+        for stream in _flate_streams(page):
+            inflated.add(f"a stream of page {number}",
+                         count_inflated(stream._data, inflated.limits.part_bytes))
         text = budget.take(page.extract_text().replace("\x00", "")).strip()
         if text:
             sections.append(Section(headings[number], number, text))
