@@ -15,6 +15,7 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 
 from . import keys, sessions
+from .access import access_middleware, add_login_routes
 from .answer import AnswerEngine, AnswerOptions
 from .api import error_middleware, setup_api
 from .config import Settings
@@ -32,6 +33,7 @@ from .llm_remote import RemoteLlm
 from .notices import broadcast
 from .retrieval import Searcher
 from .scheduler import FairQueue
+from .security import security_context
 from .store import AsyncStore
 from .ws import websocket_handler
 
@@ -40,16 +42,20 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> web.Application:
+    # The access middleware comes first: nothing runs for a request it refuses.
     app = web.Application(client_max_size=settings.server.max_message_bytes,
-                          middlewares=[error_middleware])
+                          middlewares=[access_middleware, error_middleware])
     app[keys.SETTINGS] = settings
     app[keys.CONNECTIONS] = weakref.WeakSet()
-    app.cleanup_ctx.extend([_store, _embedder, _library, _ingest, _llm, _conversations])
+    # security_context refuses an unsafe exposure before any model is loaded.
+    app.cleanup_ctx.extend([_store, security_context, _embedder, _library, _ingest, _llm,
+                            _conversations])
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/api/status", _status)
     setup_api(app)
+    add_login_routes(app)
     app.router.add_get("/", _index_page)
     app.router.add_static("/static/", STATIC_DIR)
     return app

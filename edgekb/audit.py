@@ -19,14 +19,24 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 SYNC_EVERY_S = 0.5
-COALESCE_S = 1.0      # a flood of one kind of refusal from one address: one line a second
+COALESCE_S = 1.0      # a flood of one kind of refusal from one address: a line or two a second
 MAX_COALESCED = 1024  # keys remembered for that
 MAX_DETAIL_CHARS = 200
 _SECRET_WORDS = ("token", "password", "secret", "cookie", "authorization", "csrf")
+
+
+@dataclass
+class _Held:
+    """Lines of one coalescing key held back in the current window."""
+
+    since: float
+    count: int = 0
+    last: dict[str, Any] | None = None
 
 
 class AuditLog:
@@ -43,7 +53,7 @@ class AuditLog:
         self._stopping = threading.Event()
         self._closed = False
         self._lock = threading.Lock()  # the server writes from the loop, the CLI from its thread
-        self._recent: OrderedDict[str, tuple[float, int]] = OrderedDict()  # key -> (at, held)
+        self._held: OrderedDict[str, _Held] = OrderedDict()
         self._syncer = threading.Thread(target=self._sync_loop, name="audit-sync", daemon=True)
         self._syncer.start()
 
@@ -52,14 +62,10 @@ class AuditLog:
 
     def record(self, event: str, *, user: str = "", address: str = "", request: str = "",
                outcome: str = "ok", coalesce: str | None = None, **details: Any) -> None:
-        """One line. With ``coalesce``, lines of the same key within COALESCE_S are counted
-        instead of written, and the next line written says how many (``suppressed``)."""
-        if coalesce is not None:
-            held = self._held_back(coalesce)
-            if held < 0:
-                return
-            if held:
-                details["suppressed"] = held
+        """One line. With ``coalesce``, only the first line of a key in each COALESCE_S window
+        is written at once; the others of that window become one line with ``count`` (the
+        events it stands for), written when the window ends. A flood of refusals from one
+        address thus costs a few lines a second, and the totals stay exact."""
         line: dict[str, Any] = {"time": round(time.time(), 3), "event": event, "user": user,
                                 "address": address, "request": request, "outcome": outcome}
         for key, value in details.items():
@@ -70,6 +76,33 @@ class AuditLog:
             if isinstance(value, str) and len(value) > MAX_DETAIL_CHARS and key != "question":
                 value = value[:MAX_DETAIL_CHARS] + "…"
             line[key] = value
+        if coalesce is not None and self._hold(coalesce, line):
+            return
+        self._append(line)
+
+    def _hold(self, key: str, line: dict[str, Any]) -> bool:
+        """True when the line is held back for the key's window summary."""
+        now = time.monotonic()
+        evicted: list[dict[str, Any]] = []
+        with self._lock:
+            held = self._held.get(key)
+            if held is not None and now - held.since < COALESCE_S:
+                held.count += 1
+                held.last = line
+                return True
+            if held is not None and held.count and held.last is not None:
+                evicted.append({**held.last, "count": held.count})  # the window just ended
+            self._held[key] = _Held(now)
+            self._held.move_to_end(key)
+            while len(self._held) > MAX_COALESCED:
+                _, old = self._held.popitem(last=False)
+                if old.count and old.last is not None:
+                    evicted.append({**old.last, "count": old.count})
+        for summary in evicted:
+            self._append(summary)
+        return False
+
+    def _append(self, line: dict[str, Any]) -> None:
         data = (json.dumps(line, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
         with self._lock:
             if self._closed:
@@ -80,18 +113,16 @@ class AuditLog:
             self._size += len(data)
         self._dirty.set()
 
-    def _held_back(self, key: str) -> int:
-        """-1: hold this line back; else how many were held back before it."""
+    def _flush_held(self, everything: bool = False) -> None:
         now = time.monotonic()
-        at, held = self._recent.get(key, (0.0, 0))
-        if now - at < COALESCE_S:
-            self._recent[key] = (at, held + 1)
-            return -1
-        self._recent[key] = (now, 0)
-        self._recent.move_to_end(key)
-        while len(self._recent) > MAX_COALESCED:
-            self._recent.popitem(last=False)
-        return held
+        with self._lock:
+            due = [(key, held) for key, held in self._held.items()
+                   if held.count and (everything or now - held.since >= COALESCE_S)]
+            for key, held in due:
+                self._held[key] = _Held(now)
+        for _, held in due:
+            assert held.last is not None
+            self._append({**held.last, "count": held.count})
 
     def _rotate(self) -> None:
         # No fsync here (it would stall the event loop on a slow card): the renamed file's
@@ -106,8 +137,12 @@ class AuditLog:
         self._size = 0
 
     def _sync_loop(self) -> None:
-        while True:
-            self._dirty.wait()
+        """fsync at most every SYNC_EVERY_S while lines come; write window summaries."""
+        while not self._stopping.is_set():
+            dirty = self._dirty.wait(timeout=COALESCE_S)
+            self._flush_held()
+            if not dirty:
+                continue
             self._dirty.clear()
             with self._lock:
                 if self._closed:
@@ -117,9 +152,10 @@ class AuditLog:
                 os.fsync(fd)  # outside the lock: an SD card may take long
             finally:
                 os.close(fd)
-            self._stopping.wait(SYNC_EVERY_S)  # at most one fsync per interval
+            self._stopping.wait(SYNC_EVERY_S)
 
     def close(self) -> None:
+        self._flush_held(everything=True)
         with self._lock:
             if self._closed:
                 return

@@ -87,6 +87,8 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> ClientMessage:
         message = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(BAD_JSON, f"not valid JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." within the size cap: found by the fuzz test
+        raise ProtocolError(BAD_JSON, "not valid JSON: nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError(BAD_JSON, "a message must be a JSON object")
     kind = message.get("type")

@@ -70,6 +70,20 @@ async def raw_request(host: str, port: int, request: bytes, timeout: float = 10.
         writer.close()
 
 
+async def one_response(host: str, port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send one request and read one response (headers and a Content-Length body), whether
+    or not the server keeps the connection open."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        return head + await asyncio.wait_for(reader.readexactly(length), timeout)
+    finally:
+        writer.close()
+
+
 def status_of(response: bytes) -> int:
     return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
 

@@ -16,17 +16,16 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from securelib import audit_lines, body_of, claims, forge, raw_request, status_of, wait_for_audit
 from yarl import URL
 
 from edgekb import users
-from edgekb.access import ACCESS, PRINCIPAL, Access, access_middleware, add_login_routes, \
-    requires
+from edgekb.access import ACCESS, PRINCIPAL, Access, access_middleware, add_login_routes, requires
 from edgekb.audit import AuditLog
 from edgekb.config import Settings, load_settings
 from edgekb.security import guarded_site, open_audit
 from edgekb.store import AsyncStore, Store
 from edgekb.tokens import TokenAuthority, token_authority
-from securelib import audit_lines, body_of, claims, forge, raw_request, status_of, wait_for_audit
 
 PASSWORD = "correct horse battery"
 
