@@ -63,6 +63,7 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC_PATHS = frozenset({"/healthz", "/", "/api/login"})
 PUBLIC_PREFIXES = ("/static/",)
 MAX_LOGIN_BODY = 4096
+MAX_HOSTS_SEEN = 256
 _LOCAL_USER = Principal("local", "admin", "", float("inf"), 0.0, via="none")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -138,6 +139,7 @@ class Access:
     proxied: ConnectionCounter = field(default_factory=lambda: ConnectionCounter(20, 10**9))
     hasher: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
         1, thread_name_prefix="password"))
+    _hosts_seen: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     def create(cls, settings: Settings, authority: TokenAuthority | None, audit: AuditLog,
@@ -183,8 +185,14 @@ class Access:
         host = request.headers.get(hdrs.HOST)
         if not host:
             raise BadHost("the request has no Host header")
-        name = _host_name(host)
-        if name is None or not (_is_ip(name) or name in self.hostnames):
+        allowed = self._hosts_seen.get(host)
+        if allowed is None:
+            name = _host_name(host)
+            allowed = name is not None and (_is_ip(name) or name in self.hostnames)
+            if len(self._hosts_seen) >= MAX_HOSTS_SEEN:  # bounded: a scan of names
+                self._hosts_seen.clear()
+            self._hosts_seen[host] = allowed
+        if not allowed:
             raise BadHost(f"this appliance does not answer to {host!r} (add it to "
                           "auth.hostnames)")
 

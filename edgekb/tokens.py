@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,8 @@ HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 EXTERNAL_KID = "external"
 _SECRET_BYTES = 32  # 256-bit HMAC keys, as RFC 7518 asks for HS256
 _TTL_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-KEY_RETENTION_MARGIN_S = 600.0  # beyond the longest token life: clock skew, leeway
+KEY_RETENTION_MARGIN_S = 600.0
+VERIFIED_CACHE = 1024  # beyond the longest token life: clock skew, leeway
 
 
 class Unauthorized(EdgekbError):
@@ -217,6 +219,9 @@ class TokenAuthority:
         self.external_alg = external_alg
         self._stamp: tuple[int, int, int] | None = None
         self._keys = KeyFile()
+        # Tokens already verified with the current key file -> their claims. PyJWT takes
+        # about 100 us a token; a page or a script sends the same token many times.
+        self._verified: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.refresh()
 
     def refresh(self) -> None:
@@ -230,6 +235,7 @@ class TokenAuthority:
         if stamp != self._stamp:
             self._keys = KeyFile.from_json(self.store.path.read_text())
             self._stamp = stamp
+            self._verified.clear()  # a key may be gone: verify every token afresh
 
     def issue(self, sub: str, role: str, ttl_s: float, csrf: str = "") -> tuple[str, Principal]:
         if role not in ROLES:
@@ -252,6 +258,25 @@ class TokenAuthority:
 
     def verify(self, token: str, via: str) -> Principal:
         self.refresh()
+        claims = self._verified.get(token)
+        if claims is None:
+            claims = self._decode(token)
+            self._verified[token] = claims
+            while len(self._verified) > VERIFIED_CACHE:
+                self._verified.popitem(last=False)
+        else:  # verified before with these keys: only what changes with time is checked
+            self._verified.move_to_end(token)
+            if claims["exp"] <= time.time() - self.leeway_s:
+                del self._verified[token]
+                raise Unauthorized("the token has expired; sign in again")
+        if claims["jti"] in self._keys.revoked:
+            raise Unauthorized("the token was revoked")
+        if claims["iat"] < self._keys.not_before.get(claims["sub"], 0):
+            raise Unauthorized("the token was revoked; sign in again")
+        return _principal(claims, via)
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        """The claims of a token whose header, key, signature and claims are all valid."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -276,11 +301,7 @@ class TokenAuthority:
             raise Unauthorized("the token carries no valid role")
         if not isinstance(claims["sub"], str) or not isinstance(claims["jti"], str):
             raise Unauthorized("the token's sub and jti must be strings")
-        if claims["jti"] in self._keys.revoked:
-            raise Unauthorized("the token was revoked")
-        if claims["iat"] < self._keys.not_before.get(claims["sub"], 0):
-            raise Unauthorized("the token was revoked; sign in again")
-        return _principal(claims, via)
+        return claims
 
     def _key_for(self, kid: Any) -> tuple[Any, str]:
         for key in self._keys.keys:
