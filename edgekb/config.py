@@ -9,8 +9,10 @@ raising one ``ConfigError``, so a user fixes a bad file in one pass.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -197,6 +199,19 @@ def split_list(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def _networks(value: str) -> bool:
+    try:
+        for item in split_list(value):
+            ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _origins(value: str) -> bool:
+    return all(re.fullmatch(r"https?://[^/\s?#]+", item) for item in split_list(value))
+
+
 _ALGORITHM_LIST: _Check = (
     lambda v: bool(split_list(v)) and all(a in JWT_ALGORITHMS for a in split_list(v)),
     f"be a comma-separated list of {', '.join(JWT_ALGORITHMS)}")
@@ -225,6 +240,8 @@ _CHECKS: dict[str, _Check] = {
     "ingest.part_inflated_mb": _between(1, 4096),
     "ingest.document_inflated_mb": _between(1, 16384),
     "auth.algorithms": _ALGORITHM_LIST,
+    "auth.trusted_proxies": (_networks, "be comma-separated IP addresses or CIDR networks"),
+    "auth.allowed_origins": (_origins, "be comma-separated origins like https://hmi.plant:8443"),
     "auth.issuer": _NON_EMPTY,
     "auth.audience": _NON_EMPTY,
     "auth.leeway_s": _between(0, 300),

@@ -245,7 +245,7 @@ class GuardedSite(web.BaseSite):
     def name(self) -> str:
         scheme = "https" if self._guard.ssl_context else "http"
         host, port = self._bound or (self._host, self._port)
-        return f"{scheme}://{host}:{port}"
+        return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
     @property
     def port(self) -> int:

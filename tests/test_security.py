@@ -407,6 +407,26 @@ def test_binding_beyond_loopback_with_auth_off_is_refused(tmp_path: Path,
     assert "edgekb ready" not in result.stderr
 
 
+async def test_auth_off_is_allowed_on_loopback_and_still_checks_origin(
+        tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path,
+        models_cache: Path) -> None:
+    """The one server of the suite without authentication: a development box on 127.0.0.1."""
+    srv = serve_copy(tmp_path_factory, demo_data_dir, models_cache, "open", *FAST,
+                     "--set", "auth.enabled=false")
+    try:
+        async with aiohttp.ClientSession() as http:  # no credential at all
+            async with http.get(srv.url + "api/kbs") as response:
+                assert response.status == 200
+            async with http.ws_connect(srv.ws_url, protocols=PROTOCOLS) as ws:
+                assert (await receive_json(ws))["type"] == "welcome"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(srv.ws_url, protocols=PROTOCOLS,
+                                      headers={"Origin": "http://evil.example"})
+            assert refused.value.status == 403
+    finally:
+        srv.stop()
+
+
 async def test_tls_serves_https_and_wss_with_a_self_signed_pair(
         tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path,
         models_cache: Path) -> None:
