@@ -38,6 +38,7 @@ from .audit import AuditLog
 from .config import Settings, split_list
 from .connguard import GuardedProtocol
 from .errors import EdgekbError
+from .http_errors import status_of
 from .limits import (
     ConnectionCounter,
     LoginThrottle,
@@ -73,6 +74,7 @@ REQUEST_ID = web.RequestKey("request_id", str)
 CLIENT_ADDRESS = web.RequestKey("client_address", str)
 PRINCIPAL = web.RequestKey("principal", Principal)
 AUDIT_DETAILS = web.RequestKey("audit_details", dict)  # a handler's extra audit fields
+CLOSE_CODE = web.RequestKey("close_code", int)  # the code a WebSocket handler closed with
 
 
 class Forbidden(EdgekbError):
@@ -95,12 +97,6 @@ class LoginFailed(EdgekbError):
     code = "login_failed"
 
 
-STATUS = {"unauthorized": 401, "login_failed": 401, "forbidden": 403,
-          "forbidden_origin": 403, "csrf_required": 403, "bad_host": 400,
-          "rate_limited": 429, "too_many_connections": 429, "server_full": 503,
-          "too_slow": 408, "invalid_user": 400}
-
-
 def requires(role: str, audit: str = "") -> Callable[[Handler], Handler]:
     """Mark a handler with the role it needs and the audit event it leaves. Unmarked, safe
     methods need any signed-in user and the others an admin (secure by default)."""
@@ -113,7 +109,8 @@ def requires(role: str, audit: str = "") -> Callable[[Handler], Handler]:
 
 
 def error_response(exc: EdgekbError, request_id: str = "") -> web.Response:
-    status = STATUS.get(exc.code, 400)
+    """The one error body (http_errors.py), with Retry-After and WWW-Authenticate."""
+    status = status_of(exc)
     headers = {"X-Request-Id": request_id} if request_id else {}
     retry = exc.details.get("retry_after")
     if retry is not None:
@@ -348,7 +345,7 @@ async def _websocket(access: Access, request: web.Request, handler: Handler,
     finally:
         if proxied:
             access.proxied.release(address)
-        code = getattr(response, "close_code", None)
+        code = request.get(CLOSE_CODE, getattr(response, "close_code", None))
         access.audit.record("disconnect", user=principal.sub, address=address,
                             request=request_id, outcome=str(code),
                             seconds=round(time.monotonic() - started, 1))

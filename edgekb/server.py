@@ -7,11 +7,10 @@ import logging
 import signal
 import sys
 
-from aiohttp import web
-
 from .app import create_app
 from .config import Settings
 from .datadir import exclusive
+from .http_errors import AppRunner
 from .security import AUDIT, guarded_site
 
 # aiohttp's default keeps an idle keep-alive connection for an hour; nginx's default is 75 s.
@@ -24,8 +23,8 @@ async def serve(settings: Settings) -> None:
     with exclusive(settings.data_dir, "edgekb serve"):
         app = create_app(settings)
         # Handlers close their sockets within ws.CLOSE_WAIT_S of the shutdown notice.
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10,
-                               keepalive_timeout=KEEPALIVE_S)
+        runner = AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10,
+                           keepalive_timeout=KEEPALIVE_S)
         await runner.setup()  # runs every cleanup_ctx start-up: models, index, store
         try:
             # Connection caps, TLS and slow-client deadlines live in the site (connguard.py).
