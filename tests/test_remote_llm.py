@@ -86,7 +86,7 @@ stop = ["\\nQuestion:", "\\n\\n\\n", "\\n\\n["]
 
 async def test_answer_streams_from_a_remote_openai_compatible_server(
         remote_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=remote_server.headers) as http:
         ws = await http.ws_connect(remote_server.ws_url, protocols=("edgekb.v2",))
         await receive_json(ws)
         await ws.send_json({"type": "ask", "id": "r1", "text": DEMO_QUESTION})
@@ -114,7 +114,7 @@ n_ctx = 2048
     srv = start_server(tmp_path / "data", edgekb_env(models_cache),
                        "--set", f"models.manifest={manifest}", "--set", "models.llm=nowhere")
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=srv.headers) as http:
             ws = await http.ws_connect(srv.ws_url, protocols=("edgekb.v2",))
             await receive_json(ws)
             await ws.send_json({"type": "ask", "id": "x", "text": "anything"})

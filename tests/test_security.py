@@ -38,7 +38,8 @@ from securelib import audit_lines, body_of, claims, forge, one_response, raw_req
 PROTOCOLS = ("edgekb.v1",)
 FAST = ("--set", "generation.max_tokens=48", "--set", "retrieval.k=1")
 SECURE = (*FAST, "--set", "limits.header_timeout_s=3", "--set", "server.idle_timeout_s=4",
-          "--set", "server.heartbeat_s=1", "--set", "auth.algorithms=HS256,RS256")
+          "--set", "server.heartbeat_s=1", "--set", "auth.algorithms=HS256,RS256",
+          "--set", "limits.upload_request_mb=1", "--set", "limits.questions_per_minute=20")
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +298,88 @@ async def test_slowloris_sockets_are_closed_in_time_and_healthz_answers(secure: 
     lines = await wait_for_audit(audit_of(secure), {"event": "slow_client"})
     # Coalesced per address: a line or two from each of the five, with exact counts.
     assert len(lines) <= 5 * 3 and sum(line.get("count", 1) for line in lines) == 100
+
+
+async def test_over_the_question_rate_is_refused_with_retry_after(secure: Server,
+                                                                  models_cache: Path) -> None:
+    token = issue_token(secure.data_dir, edgekb_env(models_cache), role="user", sub="hammer")
+    async with client(secure, token) as http, http.ws_connect(secure.ws_url,
+                                                              protocols=PROTOCOLS) as ws:
+        await receive_json(ws)
+        for n in range(24):
+            await ws.send_json({"type": "ask", "id": f"q{n}", "text": DEMO_QUESTION})
+        refusals: dict[str, dict[str, Any]] = {}
+        last = {f"q{n}" for n in range(20, 24)}
+        deadline = time.monotonic() + 60
+        while not last <= set(refusals) and time.monotonic() < deadline:
+            frame = await receive_json(ws, timeout=60)
+            if frame["type"] == "error" and "seq" not in frame:  # a refusal, not an ending
+                refusals[frame["id"]] = frame
+        for n in range(24):
+            await ws.send_json({"type": "cancel", "id": f"q{n}"})
+    rated = [refusals[f"q{n}"] for n in range(20, 24)]
+    assert all(r["code"] == "rate_limited" for r in rated), refusals
+    assert all(0 < r["retry_after"] <= 3.1 for r in rated), rated  # one question per 3 s
+    # The first 20 were within the budget: run, queued, or refused only by the queue (busy).
+    assert {refusals[f"q{n}"]["code"] for n in range(20) if f"q{n}" in refusals} <= {"busy"}
+    lines = await wait_for_audit(audit_of(secure), {"event": "question", "user": "hammer",
+                                                     "outcome": "rate_limited"})
+    assert lines and "question" not in lines[0]  # the text is not kept by default
+
+
+async def test_session_ids_are_issued_by_the_server_and_owned_by_their_user(
+        secure: Server, models_cache: Path) -> None:
+    other = issue_token(secure.data_dir, edgekb_env(models_cache), role="user", sub="other")
+    async with client(secure) as http:
+        for chosen in ("AAAAAAAAAAAAAAAA", "abcdefgh%0A"):  # made up; one with a newline
+            async with http.ws_connect(f"{secure.ws_url}?session={chosen}",
+                                       protocols=PROTOCOLS) as ws:
+                welcome = await receive_json(ws)
+                assert welcome["session"] != chosen.replace("%0A", "\n")
+                assert not welcome["resumed"]
+        async with http.ws_connect(secure.ws_url, protocols=PROTOCOLS) as ws:
+            mine = (await receive_json(ws))["session"]
+            await ws.send_json({"type": "ask", "id": "own", "text": DEMO_QUESTION})
+            assert (await collect(ws, "own"))[-1]["type"] == "done"
+        async with http.ws_connect(f"{secure.ws_url}?session={mine}",
+                                   protocols=PROTOCOLS) as ws:
+            welcome = await receive_json(ws)
+            assert welcome["session"] == mine and welcome["resumed"]
+    async with client(secure, other) as http, http.ws_connect(
+            f"{secure.ws_url}?session={mine}", protocols=PROTOCOLS) as ws:
+        welcome = await receive_json(ws)  # another user cannot take it over
+        assert welcome["session"] != mine and not welcome["resumed"]
+        await ws.send_json({"type": "history"})
+        assert (await receive_json(ws))["turns"] == []
+
+
+async def test_an_upload_request_over_its_total_is_refused_and_nothing_kept(
+        secure: Server) -> None:
+    files = {f"part{n}.md": (f"# Part {n}\n\n" + "valve " * 100_000).encode()
+             for n in range(3)}  # each 600 KB, under the per-file cap; 1.8 MB in all
+    form = aiohttp.FormData()
+    for name, data in files.items():
+        form.add_field("file", data, filename=name, content_type="text/markdown")
+    async with client(secure) as http:
+        async with http.post(secure.url + "api/kbs/upload-cap/documents",
+                             data=form) as response:
+            body = await response.json()
+        assert response.status == 413 and body["error"]["code"] == "too_large", body
+        assert "upload_request_mb" in body["error"]["message"]
+        async with http.get(secure.url + "api/kbs") as response:
+            assert "upload-cap" not in {kb["name"] for kb in (await response.json())["kbs"]}
+    folder = secure.data_dir / "docs" / "upload-cap"
+    assert not folder.exists() or not any(folder.iterdir())
+    # A request that declares more than the cap is refused before its body is read.
+    started = time.monotonic()
+    answer = await one_response("127.0.0.1", port_of(secure), (
+        "POST /api/kbs/upload-cap/documents HTTP/1.1\r\nHost: localhost\r\n"
+        f"Authorization: Bearer {secure.token}\r\n"
+        "Content-Type: multipart/form-data; boundary=x\r\n"
+        f"Content-Length: {50 * 2**20}\r\n\r\n").encode())
+    assert status_of(answer) == 413 and time.monotonic() - started < 5
+    line = (await wait_for_audit(audit_of(secure), {"event": "upload", "outcome": "413"}))[0]
+    assert line["user"] == "test-admin" and line["kb"] == "upload-cap"
 
 
 # --- the flood -------------------------------------------------------------------------------
