@@ -275,6 +275,14 @@ class TokenAuthority:
             raise Unauthorized("the token was revoked; sign in again")
         return _principal(claims, via)
 
+    def still_valid(self, principal: Principal) -> bool:
+        """Whether a credential verified earlier (an open WebSocket's) has neither expired nor
+        been revoked since: a dict lookup and a stat."""
+        self.refresh()
+        return principal.expires > time.time() - self.leeway_s and \
+            principal.jti not in self._keys.revoked and \
+            principal.issued >= self._keys.not_before.get(principal.sub, 0)
+
     def _decode(self, token: str) -> dict[str, Any]:
         """The claims of a token whose header, key, signature and claims are all valid."""
         try:

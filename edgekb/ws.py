@@ -26,14 +26,16 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import __version__, events, keys
-from .access import CLIENT_ADDRESS, CLOSE_CODE, PRINCIPAL
+from .access import ACCESS, CLIENT_ADDRESS, CLOSE_CODE, PRINCIPAL
 from .conversations import Conversations, Opened
 from .errors import EdgekbError
 from .heartbeat import Heartbeat, sweep_step
 from .protocol import (
     CLOSE_IDLE,
+    CLOSE_RATE_LIMITED,
     CLOSE_TAKEN_OVER,
     CLOSE_TOO_SLOW,
+    CLOSE_UNAUTHORIZED,
     PROTOCOL,
     Ask,
     Cancel,
@@ -51,6 +53,8 @@ OUTBOX_FRAMES = 64
 # connection lives on; only absurd frames make aiohttp close the socket.
 HARD_FRAME_CAP = 4 * 1024 * 1024
 CLOSE_WAIT_S = 5.0  # for the close handshake; then the socket is aborted
+# A client that keeps asking while refused for its rate is a runaway script: close it (4029).
+MAX_RATE_REFUSALS = 10
 
 
 class Connection:
@@ -58,6 +62,9 @@ class Connection:
                  opened: Opened) -> None:
         self.app = request.app
         self.address = request.get(CLIENT_ADDRESS, request.remote or "")
+        self.principal = request[PRINCIPAL]
+        self.authority = request.app[ACCESS].authority
+        self.rate_refusals = 0  # in a row
         self.settings = request.app[keys.SETTINGS]
         self.core: Conversations = request.app[keys.CONVERSATIONS]
         self.ws = ws
@@ -112,10 +119,18 @@ class Connection:
 
     async def handle(self, raw: str | bytes) -> None:
         self.last_message = time.monotonic()
+        # The credential that opened the connection may have expired or been revoked since.
+        if self.authority is not None and not self.authority.still_valid(self.principal):
+            self.end(CLOSE_UNAUTHORIZED, b"sign in again")
+            return
         try:
             await self._dispatch(parse_client_message(raw, self.settings.server.max_message_bytes))
+            self.rate_refusals = 0
         except EdgekbError as exc:
             await self.send(events.error(exc))
+            self.rate_refusals = self.rate_refusals + 1 if exc.code == "rate_limited" else 0
+            if self.rate_refusals >= MAX_RATE_REFUSALS:
+                self.end(CLOSE_RATE_LIMITED, b"too many questions; slow down")
         except Exception:  # a bug: the client gets `internal`, the connection lives on
             log.exception("handling a frame of session %s failed", self.session_id)
             await self.send(events.error(EdgekbError("internal error")))

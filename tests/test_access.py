@@ -23,6 +23,7 @@ from edgekb import users
 from edgekb.access import ACCESS, PRINCIPAL, Access, access_middleware, add_login_routes, requires
 from edgekb.audit import AuditLog
 from edgekb.config import Settings, load_settings
+from edgekb.protocol import PROTOCOL
 from edgekb.security import guarded_site, open_audit
 from edgekb.store import AsyncStore, Store
 from edgekb.tokens import TokenAuthority, token_authority
@@ -57,7 +58,7 @@ async def _change_things(request: web.Request) -> web.Response:
 
 
 async def _echo_ws(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(protocols=("edgekb.v1",))
+    ws = web.WebSocketResponse(protocols=(PROTOCOL,))
     await ws.prepare(request)
     await ws.send_json({"type": "welcome", "user": request[PRINCIPAL].sub})
     async for msg in ws:
@@ -130,7 +131,7 @@ async def test_no_credential_is_refused_with_a_typed_401_and_never_upgraded(make
             assert status == 401 and body["error"]["code"] == "unauthorized"
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await http.ws_connect(stack.url + "ws", protocols=("edgekb.v1",))
+            await http.ws_connect(stack.url + "ws", protocols=(PROTOCOL,))
         assert refused.value.status == 401
         async with http.get(stack.url + "healthz") as response:  # public
             assert response.status == 200
@@ -155,10 +156,10 @@ async def test_bearer_header_and_websocket_subprotocol_are_accepted(make_stack) 
                             headers={"Authorization": f"Bearer {token}"}) as response:
             assert (await response.json())["user"] == "press-7"
         # What a browser page does: the token as a second subprotocol; the server must answer
-        # only edgekb.v1, or the browser would fail the handshake.
+        # only the protocol, or the browser would fail the handshake.
         async with http.ws_connect(stack.url + "ws",
-                                   protocols=("edgekb.v1", f"bearer.{token}")) as ws:
-            assert ws.protocol == "edgekb.v1"
+                                   protocols=(PROTOCOL, f"bearer.{token}")) as ws:
+            assert ws.protocol == PROTOCOL
             assert (await ws.receive_json())["user"] == "press-7"
     connects = await wait_for_audit(stack.settings.audit_path, {"event": "connect"})
     assert connects[0]["user"] == "press-7" and connects[0]["via"] == "subprotocol"
@@ -187,7 +188,7 @@ async def test_bad_tokens_are_refused_before_the_upgrade(make_stack, case: str) 
     }[case]()
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await http.ws_connect(stack.url + "ws", protocols=("edgekb.v1",),
+            await http.ws_connect(stack.url + "ws", protocols=(PROTOCOL,),
                                   headers={"Authorization": f"Bearer {token}"})
         assert refused.value.status == 401
         async with http.get(stack.url + "api/things",
@@ -246,7 +247,7 @@ async def test_foreign_origin_is_refused_on_the_upgrade_and_on_state_changes(mak
     evil = {"Origin": "https://evil.example"}
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-            await http.ws_connect(stack.url + "ws", protocols=("edgekb.v1",),
+            await http.ws_connect(stack.url + "ws", protocols=(PROTOCOL,),
                                   headers={**stack.bearer(), **evil})
         assert refused.value.status == 403
         async with http.post(stack.url + "api/things", data={"a": "1"},
@@ -254,12 +255,12 @@ async def test_foreign_origin_is_refused_on_the_upgrade_and_on_state_changes(mak
             status, body = await status_and_body(response)
             assert status == 403 and body["error"]["code"] == "forbidden_origin"
         for origin in (f"http://127.0.0.1:{stack.port}", "https://hmi.plant.example"):
-            async with http.ws_connect(stack.url + "ws", protocols=("edgekb.v1",),
+            async with http.ws_connect(stack.url + "ws", protocols=(PROTOCOL,),
                                        headers={**stack.bearer(), "Origin": origin}) as ws:
                 assert (await ws.receive_json())["type"] == "welcome"
         # A page served by another port of the same host is another origin.
         with pytest.raises(aiohttp.WSServerHandshakeError):
-            await http.ws_connect(stack.url + "ws", protocols=("edgekb.v1",),
+            await http.ws_connect(stack.url + "ws", protocols=(PROTOCOL,),
                                   headers={**stack.bearer(), "Origin": "http://127.0.0.1:1"})
         async with http.get(stack.url + "api/things",  # a read: the browser's CORS guards it
                             headers={**stack.bearer(), **evil}) as response:
@@ -310,8 +311,8 @@ async def test_page_login_sets_an_httponly_strict_cookie_and_needs_csrf(make_sta
             assert response.status == 200
         # A cookie-authenticated upgrade must come from an allowed page.
         with pytest.raises(aiohttp.WSServerHandshakeError):
-            await http.ws_connect(stack.url + "ws", protocols=("edgekb.v1",))
-        async with http.ws_connect(stack.url + "ws", protocols=("edgekb.v1",),
+            await http.ws_connect(stack.url + "ws", protocols=(PROTOCOL,))
+        async with http.ws_connect(stack.url + "ws", protocols=(PROTOCOL,),
                                    headers=origin) as ws:
             assert (await ws.receive_json())["user"] == "alice"
         # Logout revokes the token itself, not only the cookie.

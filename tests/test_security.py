@@ -32,10 +32,20 @@ from conftest import (
     run_edgekb,
     start_server,
 )
-from securelib import audit_lines, body_of, claims, forge, one_response, raw_request, \
-    status_of, wait_for_audit
+from securelib import (
+    audit_lines,
+    body_of,
+    claims,
+    forge,
+    one_response,
+    raw_request,
+    status_of,
+    wait_for_audit,
+)
 
-PROTOCOLS = ("edgekb.v1",)
+from edgekb.protocol import PROTOCOL
+
+PROTOCOLS = (PROTOCOL,)
 FAST = ("--set", "generation.max_tokens=48", "--set", "retrieval.k=1")
 SECURE = (*FAST, "--set", "limits.header_timeout_s=3", "--set", "server.idle_timeout_s=4",
           "--set", "server.heartbeat_s=1", "--set", "auth.algorithms=HS256,RS256",
@@ -134,7 +144,7 @@ async def test_every_bad_credential_is_refused_before_the_upgrade(
                                    ({}, (*PROTOCOLS, f"bearer.{secure.token}"))):
             async with http.ws_connect(secure.ws_url, protocols=protocols,
                                        headers=headers) as ws:
-                assert ws.protocol == "edgekb.v1"
+                assert ws.protocol == PROTOCOL
                 assert (await receive_json(ws))["type"] == "welcome"
     refused_lines = await wait_for_audit(audit_of(secure), {"event": "refused",
                                                              "outcome": "unauthorized"})
@@ -146,6 +156,26 @@ async def test_every_bad_credential_is_refused_before_the_upgrade(
 def _other_rsa_key() -> Any:
     from cryptography.hazmat.primitives.asymmetric import rsa
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+async def test_an_open_connection_ends_with_4001_once_its_token_is_revoked(
+        secure: Server, models_cache: Path) -> None:
+    env = edgekb_env(models_cache)
+    token = issue_token(secure.data_dir, env, role="user", sub="lost-tablet")
+    async with client(secure, token) as http, http.ws_connect(secure.ws_url,
+                                                              protocols=PROTOCOLS) as ws:
+        await receive_json(ws)
+        await ws.send_json({"type": "ping"})
+        assert (await receive_json(ws))["type"] == "pong"
+        run_edgekb(["token", "revoke", "--sub", "lost-tablet", "--data-dir",
+                    str(secure.data_dir)], env, check=True)
+        await ws.send_json({"type": "ping"})
+        msg = await asyncio.wait_for(ws.receive(), 20)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 4001
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        async with client(secure, token) as http:
+            await http.ws_connect(secure.ws_url, protocols=PROTOCOLS)
+    assert refused.value.status == 401
 
 
 async def test_a_user_token_cannot_change_documents(secure: Server, models_cache: Path) -> None:
@@ -317,6 +347,14 @@ async def test_over_the_question_rate_is_refused_with_retry_after(secure: Server
                 refusals[frame["id"]] = frame
         for n in range(24):
             await ws.send_json({"type": "cancel", "id": f"q{n}"})
+        # A client that keeps asking while refused is closed with 4029 after ten in a row.
+        for n in range(24, 40):
+            await ws.send_json({"type": "ask", "id": f"q{n}", "text": DEMO_QUESTION})
+        for _ in range(200):
+            msg = await asyncio.wait_for(ws.receive(), 60)
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                break
+        assert msg.type == aiohttp.WSMsgType.CLOSE and ws.close_code == 4029, msg
     rated = [refusals[f"q{n}"] for n in range(20, 24)]
     assert all(r["code"] == "rate_limited" for r in rated), refusals
     assert all(0 < r["retry_after"] <= 3.1 for r in rated), rated  # one question per 3 s
@@ -401,7 +439,7 @@ async def test_a_flood_of_3000_connections_leaves_healthz_and_a_welcome_for_the_
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
     upgrade = (f"GET /ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
-               "Sec-WebSocket-Protocol: edgekb.v1\r\n"
+               f"Sec-WebSocket-Protocol: {PROTOCOL}\r\n"
                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
                f"Authorization: Bearer {fd_limited.token}\r\n\r\n").encode()
     outcomes: dict[str, int] = {}
