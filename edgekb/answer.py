@@ -13,14 +13,19 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .citations import CitationFilter
 from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
 from .llm_remote import RemoteLlm
 from .prompt import PromptBuilder, cite_where
-from .retrieval import ScoredHit, Searcher
+from .retrieval import ScoredHit, Searcher, needs_translation
 from .sessions import Turn
-from .store import AsyncStore
+from .sources import not_covered_text, source_entry
+from .store import AsyncStore, Store
 
-SNIPPET_CHARS = 240
+# Below this relevance (cosine + share of the question's words, see retrieval.py) of the best
+# chunk nothing relevant was found: measured on both real-document sets (README, Retrieval).
+RELEVANCE_FLOOR = 0.45
+TRANSLATION_TOKENS = 48
 
 
 @dataclass(frozen=True)
@@ -30,14 +35,6 @@ class AnswerOptions:
     temperature: float
     flush_interval_s: float
     kbs: tuple[str, ...] | None = None   # None: every knowledge base
-
-
-def source_entry(number: int, scored: ScoredHit) -> dict[str, Any]:
-    hit = scored.hit
-    snippet = hit.text if len(hit.text) <= SNIPPET_CHARS else hit.text[:SNIPPET_CHARS] + "…"
-    return {"n": number, "doc": hit.doc_path.rsplit("/", 1)[-1], "title": hit.title,
-            "where": cite_where(hit), "page": hit.page, "snippet": snippet,
-            "score": round(scored.score, 4)}
 
 
 def merge_neighbours(hits: list[ScoredHit]) -> list[ScoredHit]:
@@ -61,7 +58,8 @@ def merge_neighbours(hits: list[ScoredHit]) -> list[ScoredHit]:
                             if lines[-n:] == new[:n]), 0)
             lines.extend(new[overlap:])
         best = max(group, key=lambda s: s.score)
-        merged.append(ScoredHit(replace(best.hit, text="\n".join(lines)), best.score))
+        merged.append(ScoredHit(replace(best.hit, text="\n".join(lines)), best.score,
+                                best.relevance))
     return sorted(merged, key=lambda s: -s.score)
 
 
@@ -82,17 +80,26 @@ class AnswerEngine:
         """
         started = time.perf_counter()
         yield {"type": "status", "stage": "retrieving"}
+        alternates = (await self._translate(question, cancel),) \
+            if needs_translation(question) else ()
         hits = merge_neighbours(await self.store.read(
-            lambda db: self.searcher.search(db, question, options.k, options.kbs)))
+            lambda db: self.searcher.search(db, question, options.k, options.kbs,
+                                            alternates=alternates)))
         retrieval_ms = (time.perf_counter() - started) * 1000
+        if not hits or hits[0].relevance < RELEVANCE_FLOOR:
+            async for event in self._not_covered(question, options, started, retrieval_ms):
+                yield event
+            return
         loop = asyncio.get_running_loop()
         # Token counting runs llama's tokenizer: keep it off the loop.
         prompt = await loop.run_in_executor(
             None, self.prompts.build, question, [s.hit for s in hits], history)
         used = hits[: prompt.sources_used]
-        yield {"type": "sources", "sources": [source_entry(i + 1, s) for i, s in enumerate(used)]}
+        yield {"type": "sources", "sources": [source_entry(i + 1, s, question)
+                                              for i, s in enumerate(used)]}
         generation = GenerationRequest(prompt.text, options.max_tokens, options.temperature,
-                                       prompt.stop, cancel, cache_key)
+                                       prompt.stop, cancel, cache_key, **prompt.sampling)
+        citations = CitationFilter(len(used))
         text: list[str] = []
         pending: list[str] = []
         first_token_at: float | None = None
@@ -103,10 +110,11 @@ class AnswerEngine:
                     yield {"type": "status", "stage": "reading",
                            "progress": round(item.done / item.total, 3)}
             elif isinstance(item, Piece):
+                item = Piece(citations.feed(item.text))  # "[..." waits until it closes
                 if not text and not pending:  # an answer starts at its first visible character
                     item = Piece(item.text.lstrip())
-                    if not item.text:
-                        continue
+                if not item.text:
+                    continue
                 now = time.perf_counter()
                 if first_token_at is None:
                     first_token_at = now
@@ -119,11 +127,39 @@ class AnswerEngine:
                     last_flush = now
                     yield {"type": "delta", "text": chunk}
             elif isinstance(item, Finished):
-                if pending:
+                pending.append(citations.flush())
+                if "".join(pending):
                     chunk = "".join(pending)
                     text.append(chunk)
                     yield {"type": "delta", "text": chunk}
                 yield self._done(item, "".join(text), started, retrieval_ms, first_token_at)
+
+    async def _translate(self, question: str, cancel: threading.Event) -> str:
+        """The question in English, by the LLM (the default embedder is English-only, and the
+        manuals mostly are too); "" when it cannot be had."""
+        prompt = self.prompts.translation(question)
+        if prompt is None:
+            return ""
+        request = GenerationRequest(prompt.text, TRANSLATION_TOKENS, 0.0, prompt.stop, cancel,
+                                    **prompt.sampling)
+        pieces: list[str] = []
+        async for item in self.llm.stream(request):
+            if isinstance(item, Piece):
+                pieces.append(item.text)
+        return " ".join("".join(pieces).split())
+
+    async def _not_covered(self, question: str, options: AnswerOptions, started: float,
+                           retrieval_ms: float) -> AsyncIterator[dict[str, Any]]:
+        """No chunk is relevant enough: say so, and which manuals were searched, without the
+        LLM (a small model asked anyway makes an answer up)."""
+        titles = await self.store.read(lambda db: _searched_titles(db, options.kbs))
+        yield {"type": "sources", "sources": []}
+        text = not_covered_text(question, titles)
+        yield {"type": "status", "stage": "generating"}
+        yield {"type": "delta", "text": text}
+        first = time.perf_counter()
+        yield self._done(Finished("stop", 0, 0, 0, 0.0, 0.0), text, started, retrieval_ms,
+                         first)
 
     async def prefill(self, history: Sequence[Turn], cache_key: str,
                       cancel: threading.Event) -> int:
@@ -152,3 +188,8 @@ class AnswerEngine:
                 "tokens_per_s": round(result.completion_tokens / seconds, 1) if seconds else None,
             },
         }
+
+
+def _searched_titles(store: Store, kbs: Sequence[str] | None) -> list[str]:
+    names = kbs if kbs is not None else store.kbs()
+    return [doc.title for kb in names for doc in store.documents(kb)]
