@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from html import unescape
 from pathlib import Path
 
-from .base import LoadedDocument, Outline, Section, TextBudget, stem_title, table_row
+from .base import (LoadedDocument, Outline, TextBudget, clean_heading, clean_title, is_furniture,
+                   stem_title, table_row)
 from .text import decode_text
 
 _DROP = frozenset({"script", "style", "nav", "aside", "form", "noscript", "template", "svg",
@@ -38,6 +39,7 @@ _RAW_END = {name: re.compile(rf"</{name}[\s/>]", re.IGNORECASE)
 _META_CHARSET = re.compile(rb"<meta[^>]{0,512}?charset\s*=\s*[\"']?\s*([a-zA-Z0-9_.:-]{1,40})",
                            re.IGNORECASE)
 _HAS_MAIN = re.compile(r"<(main|article)[\s>]", re.IGNORECASE)
+
 
 
 def _tokens(text: str) -> Iterator[tuple[str, str]]:
@@ -183,7 +185,7 @@ class _PageText:
             return
         level, parts = self._heading
         self._heading = None
-        text = " ".join("".join(parts).split())
+        text = clean_heading("".join(parts))
         if len(text) > _MAX_HEADING:
             self.outline.add(text)
         elif text and not self.title and level == 1:
@@ -236,4 +238,6 @@ def load_html(path: Path, data: bytes) -> LoadedDocument:
     page = _read(path, text, main_only=has_main)
     if has_main and not page.outline.sections:
         page = _read(path, text, main_only=False)
-    return LoadedDocument(page.title or stem_title(path), "html", page.outline.sections)
+    sections = [s for s in page.outline.sections if not is_furniture(s)]
+    return LoadedDocument(clean_title(page.title) or stem_title(path), "html",
+                          sections or page.outline.sections)

@@ -101,9 +101,107 @@ def decode_text(path: Path, data: bytes, declared: str | None = None) -> str:
     return data.decode("latin-1")  # cp1252 leaves five bytes undefined; Latin-1 none
 
 
+_MAN_HEADER = re.compile(r"^(\S+)\((\w+)\)\s.*\s\1\(\2\)\s*$")
+_MAN_SECTION = re.compile(r"^[A-Z][A-Z0-9 ,/&()-]{1,40}$")   # NAME, SEE ALSO: column 0
+_MAN_SUBSECTION = re.compile(r"^ {3}\S.{0,80}$")            # .SS, 3 columns in
+_MAN_ENTRY = re.compile(r"^ {7}([^\s\u2022].{0,90})$")                # .TP tag: an option, a directive
+_UNDERLINE = re.compile(r"^\s*([=\-~^*#])\1{2,}\s*$")        # setext / reStructuredText
+_NUMBERED = re.compile(r"^\d+(\.\d+)*\.?\s+\S.{0,100}$")      # "2.2. How do I make ...?"
+_TOC_LINE = re.compile(r"^\s*(\?|\*|-|o)?\s*\d+(\.\d+)*\.?\s+.{1,100}$")
+_DOT_LEADER = re.compile(r"(\.\s?){5,}\s*\d+\s*$")             # "Contents ........ 12"
+
+
 def load_text(path: Path, data: bytes) -> LoadedDocument:
+    """Plain text, split at the headings it has: man page sections and entries, setext or
+    reStructuredText underlines, numbered FAQ headings; tables of contents are left out."""
     text = TextBudget(path).take(decode_text(path, data))
-    return LoadedDocument(title_from_text(path, text), "txt", [Section("", None, text)])
+    lines = text.splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    header = _MAN_HEADER.match(first.strip())
+    if header:
+        return _man_page(path, lines, header.group(0).strip())
+    return _plain(path, text, lines)
+
+
+def _man_page(path: Path, lines: list[str], header: str) -> LoadedDocument:
+    """`man` output: sections at column 0, subsections at 3, entries (options, directives)
+    at 7 with their text at 11. Header and footer lines are page furniture."""
+    outline = Outline()
+    name = header.split("(")[0]
+    title, in_name = "", False
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped == header or (stripped.endswith(header.split()[-1]) and i > len(lines) - 4):
+            continue  # the page header, and the footer "chrony 4.3  2022-08-29  CHRONYC(1)"
+        if _MAN_SECTION.match(line):
+            in_name = stripped == "NAME"
+            outline.heading(1, stripped.title())
+        elif in_name and stripped and not title:
+            title = " ".join(stripped.split())
+            outline.add(line)
+        elif _MAN_SUBSECTION.match(line) and _blank(lines, i - 1):
+            outline.heading(2, stripped)
+        elif _MAN_ENTRY.match(line) and _blank(lines, i - 1) and _indented(lines, i + 1, 11):
+            outline.heading(3, " ".join(stripped.split()))
+            outline.add(stripped)  # the entry's own line is part of its text
+        else:
+            outline.add(line.strip())
+    outline.flush()
+    return LoadedDocument(title or name, "txt", outline.sections)
+
+
+def _blank(lines: list[str], i: int) -> bool:
+    return i < 0 or not lines[i].strip()
+
+
+def _indented(lines: list[str], i: int, columns: int) -> bool:
+    return i < len(lines) and lines[i].startswith(" " * columns) and bool(lines[i].strip())
+
+
+def _plain(path: Path, text: str, lines: list[str]) -> LoadedDocument:
+    outline = Outline()
+    title = ""
+    levels: dict[str, int] = {}  # underline character -> level, in order of appearance
+    skip = 0
+    for i, line in enumerate(lines):
+        if skip:
+            skip -= 1
+            continue
+        stripped = line.strip()
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        over = _UNDERLINE.match(line)
+        if over and i + 2 < len(lines) and _UNDERLINE.match(lines[i + 2]) and lines[i + 1].strip():
+            # Over- and underlined: the document title in reStructuredText.
+            if not title:
+                title = lines[i + 1].strip()
+                outline.reset()
+            else:
+                outline.heading(1, lines[i + 1].strip())
+            skip = 2
+            continue
+        under = _UNDERLINE.match(nxt)
+        if stripped and under and len(nxt.strip()) >= len(stripped) - 2 and len(stripped) <= 100:
+            level = levels.setdefault(under.group(1), len(levels) + 1)
+            outline.heading(level, stripped)
+            skip = 1
+            continue
+        if _DOT_LEADER.search(line) or (line[:1] == " " and _TOC_LINE.match(line)
+                                         and _in_toc(lines, i)):
+            continue  # a table of contents line: the section itself follows
+        if (_NUMBERED.match(line) and _blank(lines, i - 1) and _blank(lines, i + 1)):
+            number = stripped.split()[0].rstrip(".")
+            outline.heading(number.count(".") + 1, stripped)
+            continue
+        outline.add(line)
+    outline.flush()
+    sections = outline.sections or [Section("", None, text)]
+    return LoadedDocument(title or title_from_text(path, text), "txt", sections)
+
+
+def _in_toc(lines: list[str], i: int) -> bool:
+    """A numbered, indented line among others like it: a table of contents entry."""
+    near = lines[max(0, i - 2): i + 3]
+    return sum(1 for line in near if _TOC_LINE.match(line)) >= 3
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
