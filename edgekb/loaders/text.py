@@ -107,7 +107,8 @@ _MAN_SUBSECTION = re.compile(r"^ {3}\S.{0,80}$")            # .SS, 3 columns in
 _MAN_ENTRY = re.compile(r"^ {7}([^\s\u2022].{0,90})$")                # .TP tag: an option, a directive
 _UNDERLINE = re.compile(r"^\s*([=\-~^*#])\1{2,}\s*$")        # setext / reStructuredText
 _NUMBERED = re.compile(r"^\d+(\.\d+)*\.?\s+\S.{0,100}$")      # "2.2. How do I make ...?"
-_TOC_LINE = re.compile(r"^\s*(\?|\*|-|o)?\s*\d+(\.\d+)*\.?\s+.{1,100}$")
+# "  ? 2.2. How do I ...", "  o 1. chrony compared ...": an indented, bulleted, numbered line
+_TOC_LINE = re.compile(r"^\s+[?o*\u2022]\s+\d+(\.\d+)*\.?\s+.{1,100}$")
 _DOT_LEADER = re.compile(r"(\.\s?){5,}\s*\d+\s*$")             # "Contents ........ 12"
 
 
@@ -185,8 +186,7 @@ def _plain(path: Path, text: str, lines: list[str]) -> LoadedDocument:
             outline.heading(level, stripped)
             skip = 1
             continue
-        if _DOT_LEADER.search(line) or (line[:1] == " " and _TOC_LINE.match(line)
-                                         and _in_toc(lines, i)):
+        if _DOT_LEADER.search(line) or (_TOC_LINE.match(line) and _in_toc(lines, i)):
             continue  # a table of contents line: the section itself follows
         if (_NUMBERED.match(line) and _blank(lines, i - 1) and _blank(lines, i + 1)):
             number = stripped.split()[0].rstrip(".")
@@ -200,8 +200,8 @@ def _plain(path: Path, text: str, lines: list[str]) -> LoadedDocument:
 
 def _in_toc(lines: list[str], i: int) -> bool:
     """A numbered, indented line among others like it: a table of contents entry."""
-    near = lines[max(0, i - 2): i + 3]
-    return sum(1 for line in near if _TOC_LINE.match(line)) >= 3
+    near = lines[max(0, i - 3): i + 4]
+    return sum(1 for line in near if _TOC_LINE.match(line)) >= 2
 
 
 _HEADING = re.compile(r"^(#{1,6})\s+(.+?)\s*#*\s*$")
