@@ -20,7 +20,7 @@ ENTRY_BYTES = 700
 SNIPPET_CHARS = 280
 # Relevance bands on the same scale as the not-covered floor (answer.RELEVANCE_FLOOR).
 BANDS = ((0.8, "high"), (0.6, "medium"), (0.0, "low"))
-_SENTENCE = re.compile(r"(?<=[.!?。！？；])\s+|\n+")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n+")
 MAX_TITLES = 8
 
 
@@ -65,8 +65,9 @@ def source_entry(number: int, scored: ScoredHit, question: str = "") -> dict[str
     """{n, doc, title, where, page, snippet, relevance, score}, at most ENTRY_BYTES encoded."""
     hit = scored.hit
     entry: dict[str, Any] = {
-        "n": number, "doc": PurePath(hit.doc_path).name, "title": hit.title[:120],
-        "where": cite_where(hit)[:160], "page": hit.page,
+        "n": number, "doc": _cut_to_bytes(PurePath(hit.doc_path).name, 100),
+        "title": _cut_to_bytes(hit.title, 150), "where": _cut_to_bytes(cite_where(hit), 180),
+        "page": hit.page,
         "snippet": snippet(hit.text, question), "relevance": relevance_band(scored.relevance),
         "score": round(scored.score, 4)}
     size = len(json.dumps(entry, ensure_ascii=False).encode())
