@@ -18,11 +18,16 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
 
 CONVERSIONS = ("copy", "gunzip", "man", "docx")
 TOOL_PACKAGES = {"man": "man-db", "pandoc": "pandoc", "dpkg-deb": "dpkg"}
@@ -94,8 +99,12 @@ def fetch_package(package: Package, cache: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         # apt drops privileges to _apt, which cannot write into a root-owned temp dir.
         os.chmod(tmp, 0o777)
-        result = subprocess.run(["apt-get", "download", f"{package.name}={version}"], cwd=tmp,
-                                capture_output=True, text=True, timeout=900)
+        command = ["apt-get", "download", f"{package.name}={version}"]
+        result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=900)
+        if result.returncode != 0 and os.geteuid() == 0:  # a fresh machine has no lists yet
+            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, timeout=600)
+            result = subprocess.run(command, cwd=tmp, capture_output=True, text=True,
+                                    timeout=900)
         got = Path(tmp) / package.file
         if result.returncode != 0 or not got.exists():
             raise FetchError(f"apt-get download {package.name}={version} failed (run "

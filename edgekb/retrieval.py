@@ -28,6 +28,11 @@ CANDIDATES = 20           # from each list; the union is re-ranked
 TERM_WEIGHT = 0.3         # x share of the question's terms found as words in the chunk
 IDENTIFIER_WEIGHT = 0.3   # x share of its identifiers found verbatim
 TRIGRAM_WEIGHT = 0.3      # x trigram BM25 relative to the best match (CJK questions only)
+# x BM25 relative to the best keyword match: it weighs rare words (ntpdate, burst) above common
+# ones, which the term share cannot. Query-adaptive, as GPT4All's LocalDocs does: a short or
+# identifier-bearing question is a keyword query; a long everyday one leans on meaning.
+BM25_WEIGHTS = {"identifier": 0.5, "short": 0.4, "long": 0.25}
+SHORT_QUERY_TERMS = 3
 
 _WORD = re.compile(r"[\w][\w.\-/]*[\w]|[\w]")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
@@ -101,6 +106,13 @@ def _question(query: str) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[s
             frozenset(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1))))
 
 
+def bm25_weight_for(query: str) -> float:
+    stems, identifiers, _ = _question(query)
+    if identifiers:
+        return BM25_WEIGHTS["identifier"]
+    return BM25_WEIGHTS["short" if len(stems) <= SHORT_QUERY_TERMS else "long"]
+
+
 def fts_query(terms: Sequence[str]) -> str:
     """Each term a quoted phrase (so `e-204` matches the tokens e, 204 in order), OR-ed."""
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
@@ -142,6 +154,8 @@ class Searcher:
                     trigram_scores.update((i, score / best) for i, score in trigrams if best > 0)
         if mode == "hybrid":
             candidates.update(keyword_scores)
+        best_keyword = max(keyword_scores.values(), default=0.0)
+        bm25_weight = bm25_weight_for(query)
         stored = store.chunk_vectors(list(candidates))
         hits = store.chunks(list(candidates | set(keyword_scores)))
         scored: list[ScoredHit] = []
@@ -151,6 +165,8 @@ class Searcher:
             score, relevance = max(
                 (self._rerank(variant, hit, cosine, trigram_scores.get(i, 0.0))
                  for variant in variants), key=lambda pair: pair[0])
+            if best_keyword > 0:
+                score += bm25_weight * keyword_scores.get(i, 0.0) / best_keyword
             if mode == "vector":
                 score = cosine
             elif mode == "keyword":

@@ -32,12 +32,16 @@ _LINE = frozenset({"br", "dt", "dd"})
 _HEADINGS = {f"h{n}": n for n in range(1, 7)}
 _MAX_HEADING = 200  # longer "headings" are unclosed tags swallowing text: keep it as text
 
-_TAG = re.compile(r"<(/?)([a-zA-Z][^\s/<>]*)[^<>]*>")
+# Quoted attribute values may hold ">" (title="a > b"): the tag ends at the first ">" outside
+# quotes. A value is bounded in length, so a stray quote costs a bounded scan, never a
+# quadratic one.
+_TAG = re.compile(r"<(/?)([a-zA-Z][^\s/<>]*)(?:[^<>\"']|\"[^\"]{0,4096}\"|'[^']{0,4096}')*>")
 _BOGUS = re.compile(r"<[!?/][^<>]*>")  # doctype, processing instruction, stray end tag
 _RAW_END = {name: re.compile(rf"</{name}[\s/>]", re.IGNORECASE)
             for name in ("script", "style", "title", "textarea")}
 _META_CHARSET = re.compile(rb"<meta[^>]{0,512}?charset\s*=\s*[\"']?\s*([a-zA-Z0-9_.:-]{1,40})",
                            re.IGNORECASE)
+_NAV_WORDS = frozenset({"prev", "up", "home", "next"})
 _HAS_MAIN = re.compile(r"<(main|article)[\s>]", re.IGNORECASE)
 
 
@@ -70,6 +74,12 @@ def _tokens(text: str) -> Iterator[tuple[str, str]]:
             found = raw_end.search(text, pos)
             yield "data", text[pos:found.start() if found else size]
             pos = found.start() if found else size
+
+
+def _is_nav_row(cells: list[str]) -> bool:
+    """DocBook's "Prev | Up | Home | Next" bars, a table row of links around every page."""
+    words = {" ".join(cell.split()).lower() for cell in cells}
+    return len(words & _NAV_WORDS) >= 2
 
 
 class _PageText:
@@ -204,7 +214,7 @@ class _PageText:
     def _end_row(self) -> None:
         self._end_cell()
         cells, self._row = self._row, None
-        if cells and any(cell.strip() for cell in cells):
+        if cells and any(cell.strip() for cell in cells) and not _is_nav_row(cells):
             self._break()
             self.outline.add(table_row(cells))
 
