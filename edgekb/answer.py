@@ -22,9 +22,11 @@ from .sessions import Turn
 from .sources import not_covered_text, source_entry
 from .store import AsyncStore, Store
 
-# Below this relevance (cosine + share of the question's words, see retrieval.py) of the best
-# chunk nothing relevant was found: measured on both real-document sets (README, Retrieval).
-RELEVANCE_FLOOR = 0.45
+# Below this relevance (cosine + shares of the question's words and identifiers, see
+# retrieval.py) of the best chunk nothing relevant was found. Measured on the three sets:
+# questions no manual covers reached 0.26 (upstream) and 0.35 (held out), answerable ones
+# started at 0.36 (the project's set), 0.42 and 0.55 (README, Retrieval).
+RELEVANCE_FLOOR = 0.35
 TRANSLATION_TOKENS = 48
 
 

@@ -51,7 +51,8 @@ _EDGE = "\"'`*()[]{}<>|,;:!?.-/=+#~"  # punctuation that may enclose a word in a
 class ScoredHit:
     hit: ChunkHit
     score: float            # ranking score (its scale depends on the question)
-    relevance: float = 0.0  # how well the chunk matches on its own: cosine + term share
+    relevance: float = 0.0  # how well the chunk matches on its own: cosine, term and
+                            # identifier shares (comparable across questions: the floor)
 
 
 def needs_translation(query: str) -> bool:
@@ -200,10 +201,12 @@ class Searcher:
             found = words(haystack)
             share = sum(t in found for t in stems) / len(stems)
             score += TERM_WEIGHT * share
+        found_ids = 0.0
         if identifiers:
-            score += IDENTIFIER_WEIGHT * sum(t in haystack for t in identifiers) / len(identifiers)
+            found_ids = sum(t in haystack for t in identifiers) / len(identifiers)
+            score += IDENTIFIER_WEIGHT * found_ids
         if grams:
             gram_share = sum(g in haystack for g in grams) / len(grams)
             score += TERM_WEIGHT * gram_share
             share = max(share, gram_share)
-        return score, cosine + TERM_WEIGHT * share
+        return score, cosine + TERM_WEIGHT * share + IDENTIFIER_WEIGHT * found_ids
