@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from .citations import CitationFilter
+from .citations import CitationFilter, attribute
 from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
 from .llm_remote import RemoteLlm
 from .prompt import PromptBuilder, cite_where
@@ -130,6 +130,10 @@ class AnswerEngine:
                     yield {"type": "delta", "text": chunk}
             elif isinstance(item, Finished):
                 pending.append(citations.flush())
+                if not citations.kept and item.finish != "cancelled":
+                    number = attribute("".join(text + pending), [s.hit.text for s in used])
+                    if number is not None:
+                        pending.append(f" [{number}]")
                 if "".join(pending):
                     chunk = "".join(pending)
                     text.append(chunk)

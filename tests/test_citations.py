@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgekb.citations import CitationFilter, cited_numbers
+from edgekb.citations import CitationFilter, attribute, cited_numbers
 
 
 def stream(count: int, pieces: list[str]) -> tuple[str, CitationFilter]:
@@ -44,3 +44,9 @@ def test_an_unclosed_bracket_is_released_not_swallowed() -> None:
 
 def test_cited_numbers() -> None:
     assert cited_numbers("a [1] b [2, 3] c [x]") == {1, 2, 3}
+
+
+def test_an_answer_copied_from_one_source_is_attributed_to_it() -> None:
+    sources = ["Close the discharge valve, then hold RESET for 3 s.", "Grease every 500 h."]
+    assert attribute("Close the discharge valve and hold RESET for 3 s.", sources) == 1
+    assert attribute("The weather is nice today in Paris.", sources) is None

@@ -163,13 +163,18 @@ def _man_page(path: Path, lines: list[str], header: str) -> LoadedDocument:
             outline.add(line)
         elif _MAN_SUBSECTION.match(line) and _blank(lines, i - 1):
             outline.heading(2, " ".join(stripped.split()))
-        elif _MAN_ENTRY.match(line) and _blank(lines, i - 1) and _indented(lines, i + 1, 11):
+        elif _MAN_ENTRY.match(line) and _after_break(lines, i) and _indented(lines, i + 1, 11):
             outline.heading(3, " ".join(stripped.split()))
             outline.add(stripped)  # the entry's own line is part of its text
         else:
             outline.add(line.strip())
     outline.flush()
     return LoadedDocument(title or name, "txt", outline.sections)
+
+
+def _after_break(lines: list[str], i: int) -> bool:
+    """Line i starts a block: after an empty line or right under a section heading."""
+    return _blank(lines, i - 1) or bool(_MAN_SECTION.match(lines[i - 1]))
 
 
 def _blank(lines: list[str], i: int) -> bool:
