@@ -146,10 +146,15 @@ class AnswerEngine:
         prompt = self.prompts.translation(question)
         if prompt is None:
             return ""
-        request = GenerationRequest(prompt.text, TRANSLATION_TOKENS, 0.0, prompt.stop, cancel,
+        # Its own cancel event: the engine sets a request's event when its stream ends, and
+        # this one ends before the answer starts.
+        own = threading.Event()
+        request = GenerationRequest(prompt.text, TRANSLATION_TOKENS, 0.0, prompt.stop, own,
                                     **prompt.sampling)
         pieces: list[str] = []
         async for item in self.llm.stream(request):
+            if cancel.is_set():
+                own.set()  # the asker cancelled: stop translating within a token
             if isinstance(item, Piece):
                 pieces.append(item.text)
         return " ".join("".join(pieces).split())

@@ -31,7 +31,6 @@ INSTRUCTION = (
     "like [1] or [2]. If the excerpts do not contain the answer, say that the manuals do not "
     "cover it."
 )
-CITE_REMINDER = "Answer briefly and cite the excerpt numbers you used, like [1]."
 TRANSLATE_INSTRUCTION = (
     "Translate the user's question into English. Keep technical terms, option names and "
     "numbers exactly as written. Reply with the English question only."
@@ -148,9 +147,7 @@ class PromptBuilder:
             for turn in turns:
                 messages += [{"role": "user", "content": turn.question},
                              {"role": "assistant", "content": turn.answer}]
-            # Small models follow what they read last: the citation rule goes after the question.
-            messages.append({"role": "user", "content": f"{sources}\n\nQuestion: {question}\n"
-                                                        f"{CITE_REMINDER}"})
+            messages.append({"role": "user", "content": f"{sources}\n\nQuestion: {question}"})
             return self.chat_template(messages)
         earlier = self._render_turns(turns)
         if earlier:
