@@ -16,7 +16,7 @@ from typing import Any
 from .citations import CitationFilter, attribute
 from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
 from .llm_remote import RemoteLlm
-from .prompt import PromptBuilder, cite_where
+from .prompt import PromptBuilder
 from .retrieval import ScoredHit, Searcher, needs_translation
 from .sessions import Turn
 from .sources import not_covered_text, source_entry

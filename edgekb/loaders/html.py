@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from html import unescape
 from pathlib import Path
 
-from .base import (LoadedDocument, Outline, TextBudget, clean_heading, clean_title, is_furniture,
-                   stem_title, table_row)
+from .base import (LoadedDocument, Outline, Section, TextBudget, clean_heading, clean_title,
+                   is_furniture, stem_title, table_row)
 from .text import decode_text
 
 _DROP = frozenset({"script", "style", "nav", "aside", "form", "noscript", "template", "svg",
