@@ -79,7 +79,8 @@ def source_entry(number: int, scored: ScoredHit, question: str = "") -> dict[str
 
 def not_covered_text(question: str, titles: list[str]) -> str:
     """The answer when no source is relevant, naming the manuals that were searched."""
-    shown = ", ".join(titles[:MAX_TITLES])
+    # Bounded: the answer is one delta event, and frames stay under 1024 bytes.
+    shown = ", ".join(_cut_to_bytes(title, 80) for title in titles[:MAX_TITLES])
     more = len(titles) - MAX_TITLES
     if re.search(r"[\u4e00-\u9fff]", question):
         listed = shown + (f" 等 {len(titles)} 份" if more > 0 else "")

@@ -55,7 +55,8 @@ def test_man_page_title_and_entries(docs: dict[str, Path]) -> None:
 def test_faq_sections_are_its_questions_without_the_table_of_contents(
         docs: dict[str, Path]) -> None:
     faq = load(docs, "chrony-faq.txt")
-    server = next(s for s in faq.sections if s.heading.endswith("2.2. How do I make an NTP server?"))
+    server = next(s for s in faq.sections
+                  if s.heading.endswith("2.2. How do I make an NTP server?"))
     assert "allow directive" in server.text
     everything = "\n".join(s.text for s in faq.sections)
     assert "? 2.2. How do I make an NTP server?" not in everything

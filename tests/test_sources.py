@@ -26,7 +26,8 @@ def test_entry_stays_under_the_frame_budget_with_long_multibyte_text() -> None:
                    "复位按钮在控制器上。" * 400)
     entry = source_entry(1, ScoredHit(hit, 1.234, 0.91), "复位")
     assert len(json.dumps(entry, ensure_ascii=False).encode()) <= ENTRY_BYTES
-    assert set(entry) == {"n", "doc", "title", "where", "page", "snippet", "relevance", "score"}
+    assert set(entry) == {"n", "doc", "title", "where", "page", "snippet", "relevance",
+                          "score"}
     assert entry["relevance"] == "high" and entry["page"] == 12 and entry["snippet"]
 
 

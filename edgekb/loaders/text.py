@@ -125,7 +125,7 @@ def decode_text(path: Path, data: bytes, declared: str | None = None) -> str:
 _MAN_HEADER = re.compile(r"^(\S+)\((\w+)\)\s.*\s\1\(\2\)\s*$")
 _MAN_SECTION = re.compile(r"^[A-Z][A-Z0-9 ,/&()-]{1,40}$")   # NAME, SEE ALSO: column 0
 _MAN_SUBSECTION = re.compile(r"^ {3}\S.{0,80}$")            # .SS, 3 columns in
-_MAN_ENTRY = re.compile(r"^ {7}([^\s\u2022].{0,90})$")                # .TP tag: an option, a directive
+_MAN_ENTRY = re.compile(r"^ {7}([^\s\u2022].{0,90})$")  # .TP tag: an option, a directive
 _UNDERLINE = re.compile(r"^\s*([=\-~^*#])\1{2,}\s*$")        # setext / reStructuredText
 _NUMBERED = re.compile(r"^\d+(\.\d+)*\.?\s+\S.{0,100}$")      # "2.2. How do I make ...?"
 # "  ? 2.2. How do I ...", "  o 1. chrony compared ...": an indented, bulleted, numbered line
