@@ -122,4 +122,9 @@ def stem_title(path: Path) -> str:
 def title_from_text(path: Path, text: str) -> str:
     """The first line when it is short enough to be a title, else the file name."""
     first = next((line.strip() for line in text[:2000].splitlines() if line.strip()), "")
-    return first if 0 < len(first) <= 100 else stem_title(path)
+    return first if 0 < len(first) <= 100 and _has_words(first) else stem_title(path)
+
+
+def _has_words(title: str) -> bool:
+    """A title has at least a few letters: "." or "3" (a page number) is no title."""
+    return sum(c.isalpha() for c in title) >= 3
