@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from . import sessions
+from . import logs, sessions
 from .answer import AnswerEngine, AnswerOptions
 from .errors import Busy, EdgekbError, ProtocolError
 from .protocol import ID_REUSE, UNKNOWN_REQUEST, encode, error_event
@@ -190,6 +190,7 @@ class Conversations:
             self._stop(run)
 
     async def _produce(self, run: RequestRun, user: str) -> None:
+        logs.request_id.set(f"{run.session_id}/{run.id}")  # on every log line of this task
         run.saver = asyncio.create_task(self._save_events(run))
         sources: list[dict[str, Any]] = []
         final: dict[str, Any] = {}

@@ -85,8 +85,16 @@ def connect(path: Path) -> sqlite3.Connection:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        self.conn = connect(path)
+    def __init__(self, path: Path, conn: sqlite3.Connection | None = None) -> None:
+        self.conn = conn if conn is not None else connect(path)
+
+    @classmethod
+    def read_only(cls, path: Path) -> Store:
+        """A store that never migrates nor writes (``edgekb doctor`` beside a server)."""
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                               check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=10000")
+        return cls(path, conn)
 
     def close(self) -> None:
         self.conn.close()

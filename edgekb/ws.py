@@ -22,7 +22,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import __version__, keys, sessions
+from . import __version__, keys, logs, sessions
 from .conversations import Conversations
 from .errors import EdgekbError, ProtocolError
 from .heartbeat import Heartbeat
@@ -249,6 +249,8 @@ def _reset(transport: asyncio.Transport) -> None:
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    # Every log line of this connection's tasks carries its id (the task ends with the socket).
+    logs.connection_id.set(logs.new_connection_id())
     app = request.app
     settings = app[keys.SETTINGS]
     requested = request.query.get("session")
