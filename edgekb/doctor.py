@@ -256,33 +256,40 @@ def _ntp_synchronized() -> bool | None:
 # --- permissions -----------------------------------------------------------------------------
 
 def check_permissions(settings: Settings) -> list[Finding]:
+    """The data dir holds conversations, documents and keys: other users must not read them,
+    nor write anything. A file counts only if its folder lets others (or the group) reach it."""
     data_dir = settings.data_dir
     if not data_dir.exists():
         return []
     findings = []
     mode = data_dir.stat().st_mode
-    fix = f"chmod 700 {data_dir} (under systemd: StateDirectoryMode=0700 does it)"
+    fix = f"chmod 700 {data_dir} (under systemd, StateDirectoryMode=0700 does it)"
     if mode & stat.S_IWOTH:
         findings.append(problem("permissions", f"{data_dir} is writable by every user: anyone"
                                 " on this machine can replace the database", fix))
-    elif mode & (stat.S_IROTH | stat.S_IXOTH):
-        findings.append(warning("permissions", f"{data_dir} is open to every user on this"
-                                " machine (conversations, documents)", fix))
     if os.geteuid() != 0 and data_dir.stat().st_uid != os.geteuid():
         findings.append(problem("permissions", f"{data_dir} belongs to uid"
                                 f" {data_dir.stat().st_uid}, not to this user ({os.geteuid()})",
                                 f"chown -R {os.geteuid()} {data_dir}, or run as its owner"))
+    # Who can reach the files inside: others through o+x, the group through g+x.
+    readers = (stat.S_IROTH if mode & stat.S_IXOTH else 0) | \
+        (stat.S_IRGRP if mode & stat.S_IXGRP else 0)
+    exposed = []
     for path in sorted(data_dir.iterdir()):
-        if not path.is_file():
-            continue
         secret = path.suffix in KEY_SUFFIXES
-        if not (secret or path.name.startswith("edgekb.db")):
-            continue
-        file_mode = path.stat().st_mode
-        if file_mode & (stat.S_IRWXG | stat.S_IRWXO if secret else stat.S_IROTH | stat.S_IWOTH):
-            what = "a key" if secret else "the database"
-            findings.append(problem("permissions", f"{path} ({what}) is readable by others"
-                                    f" (mode {stat.filemode(file_mode)})", f"chmod 600 {path}"))
+        if path.is_file() and (secret or path.name.startswith("edgekb.db")):
+            # Keys are closed to the group too; the database to others.
+            if path.stat().st_mode & readers & (stat.S_IRGRP | stat.S_IROTH if secret
+                                                 else stat.S_IROTH):
+                exposed.append(path)
+    for path in exposed:
+        what = "a key" if path.suffix in KEY_SUFFIXES else "the database"
+        findings.append(problem("permissions", f"{path} ({what}) can be read by other users"
+                                f" (mode {stat.filemode(path.stat().st_mode)} in a folder they"
+                                " can enter)", f"chmod 600 {path}, and {fix}"))
+    if not exposed and mode & (stat.S_IROTH | stat.S_IXOTH):
+        findings.append(warning("permissions", f"{data_dir} is open to every user on this"
+                                " machine (documents, index)", fix))
     if not findings:
         findings.append(ok("permissions", f"{data_dir}: closed to other users"))
     return findings

@@ -36,6 +36,7 @@ DAY_S = 86400.0
 BATCH = 200
 MAX_BATCHES = 500           # per kind and sweep; what is left goes at the next sweep
 MAX_SIZE_ROUNDS = 8         # measure, delete the excess share, measure again...
+RECENT_LOGS_S = 3600.0      # over the cap, request logs younger than this go with their turn
 CAP_TARGET = 0.9            # over the cap, delete down to 90 % of it, not to just below
 IDLE_POLL_S = 1.0
 CHECKPOINT_BUSY_MS = 200    # a checkpoint that would wait for readers longer gives up
@@ -62,15 +63,20 @@ class SweepReport:
 
 # --- blocking steps, each run on the store's writer thread -------------------------------------
 
-def conversation_bytes(store: Store) -> int:
-    """Bytes the conversation tables and their indexes use in the database (dbstat)."""
-    names = [r[0] for r in store.conn.execute(
-        f"SELECT name FROM sqlite_schema WHERE tbl_name IN ({_marks(CONVERSATION_TABLES)})",
-        CONVERSATION_TABLES)]
-    row = store.conn.execute(
-        f"SELECT coalesce(sum(pgsize - unused), 0) FROM dbstat WHERE aggregate = TRUE"
-        f" AND name IN ({_marks(names)})", names).fetchone()
-    return int(row[0])
+def conversation_bytes(store: Store) -> dict[str, int]:
+    """Bytes in use (dbstat: pages less their unused space) by the conversation tables and
+    their indexes, by what retention deletes: request_logs, turns, sessions."""
+    kind_of_table = {"requests": "request_logs", "events": "request_logs", "turns": "turns",
+                     "sessions": "sessions"}
+    owners = dict(store.conn.execute(
+        f"SELECT name, tbl_name FROM sqlite_schema WHERE tbl_name IN ({_marks(kind_of_table)})",
+        list(kind_of_table)).fetchall())
+    sizes = dict.fromkeys(("request_logs", "turns", "sessions"), 0)
+    for name, used in store.conn.execute(
+            f"SELECT name, sum(pgsize - unused) FROM dbstat WHERE aggregate = TRUE"
+            f" AND name IN ({_marks(owners)}) GROUP BY name", list(owners)):
+        sizes[kind_of_table[owners[name]]] += int(used)
+    return sizes
 
 
 def reference_time(store: Store, now: float) -> float:
@@ -212,33 +218,43 @@ class Sweeper:
         for kind, days in ages.items():
             if days > 0:
                 await self._delete(report, kind, reference - days * DAY_S, MAX_BATCHES * BATCH)
-        await self._enforce_cap(report)
+        await self._enforce_cap(report, reference)
         if report.deleted:
             report.wal_truncated = await self.store.write(truncate_wal)
         return report
 
-    async def _enforce_cap(self, report: SweepReport) -> None:
+    async def _enforce_cap(self, report: SweepReport, reference: float) -> None:
         cap = self.settings.max_mb * 1024 * 1024
-        report.bytes_before = report.bytes_after = await self.store.read(conversation_bytes)
+        sizes = await self.store.read(conversation_bytes)
+        report.bytes_before = report.bytes_after = sum(sizes.values())
         if not cap or report.bytes_before <= cap:
             return
         target = cap * CAP_TARGET
         for _ in range(MAX_SIZE_ROUNDS):
-            used = report.bytes_after
-            if used <= target:
+            excess = report.bytes_after - target
+            if excess <= 0:
                 return
             counts = await self.store.read(row_counts)
-            # The share of rows to delete is the share of bytes over the target: one round
-            # usually suffices, and measuring again corrects the estimate.
-            share = (used - target) / used
-            for kind, table in (("request_logs", "requests"), ("turns", "turns"),
-                                ("sessions", "sessions")):
-                wanted = max(1, math.ceil(counts[table] * share))
-                if counts[table] and await self._delete(report, kind, None, wanted):
+            deleted = 0
+            # The oldest request logs first, but not those of the last hour (a client that
+            # lost its link resumes from them); what they cannot free comes from the oldest
+            # turns (with their logs), then sessions. Each kind gives the share of its rows
+            # that its share of the bytes owes.
+            for kind, table, before in (
+                    ("request_logs", "requests", reference - RECENT_LOGS_S),
+                    ("turns", "turns", None), ("sessions", "sessions", None)):
+                if excess <= 0:
                     break
-            else:
+                if not sizes[kind] or not counts[table]:
+                    continue
+                wanted = math.ceil(counts[table] * min(1.0, excess / sizes[kind]))
+                gone = await self._delete(report, kind, before, wanted)
+                excess -= sizes[kind] * gone / counts[table]
+                deleted += gone
+            if not deleted:
                 return  # nothing left that may be deleted (running requests only)
-            report.bytes_after = await self.store.read(conversation_bytes)
+            sizes = await self.store.read(conversation_bytes)
+            report.bytes_after = sum(sizes.values())
 
     async def _delete(self, report: SweepReport, kind: str, before: float | None,
                       at_most: int) -> int:
