@@ -260,6 +260,7 @@ class Conversations:
             run.mark_saved(upto)
 
     def _ended(self, run: RequestRun, ending: Ending) -> None:
+        log.info("request %s (%s) after %d events", ending.state, ending.finish, len(run.frames))
         asyncio.get_running_loop().call_later(
             self.linger_s, self.live.pop, (run.session_id, run.id), None)
         if ending.state == "done" and not self.closing:

@@ -264,6 +264,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     existed = await app[keys.STORE].read(lambda db: sessions.session_exists(db, session_id))
     conn = Connection(request, ws, session_id)
     app[keys.CONNECTIONS].add(conn)
+    log.info("connection from %s, session %s", request.remote, session_id)
     heartbeat = Heartbeat(settings.server.heartbeat_s, settings.server.pong_timeout_s,
                           ws.ping, request.transport.get_extra_info("socket")
                           if request.transport else None)
