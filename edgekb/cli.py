@@ -20,6 +20,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="where the database, index and models live")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set retrieval.k=6")
+    # Also after the command; SUPPRESS keeps a value given before it.
+    parser.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--log-format", choices=("human", "json"), default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,10 +88,12 @@ def test_socket_activation_serves_on_the_socket_systemd_passes(
     log = tmp_path / "activate.log"
     with log.open("w") as out:
         # The port edgekb would choose itself is another one: it must use the passed socket.
-        activator = subprocess.Popen(
-            ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", sys.executable, "-m",
-             "edgekb", "serve", "--data-dir", str(demo_data_dir), "--port", "1"],
-            env=edgekb_env(models_cache), stdout=out, stderr=subprocess.STDOUT)
+        env = edgekb_env(models_cache)
+        passed = [f"-E{key}={value}" for key, value in env.items() if key.startswith("EDGEKB_")]
+        activator = subprocess.Popen(  # it hands the program only the variables named by -E
+            ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", *passed, sys.executable,
+             "-m", "edgekb", "serve", "--data-dir", str(demo_data_dir), "--port", "1"],
+            env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while "Listening on" not in log.read_text() and time.monotonic() < deadline:
