@@ -94,7 +94,7 @@ def json_server(tmp_path: Path, models_cache: Path, demo_data_dir: Path):  # typ
     copy = tmp_path / "data"
     subprocess.run(["cp", "-a", str(demo_data_dir), str(copy)], check=True)
     env = edgekb_env(models_cache, EDGEKB_LOGGING__LEVEL="INFO")
-    server = start_server(copy, env, "--log-format", "json")
+    server = start_server(copy, env, "--log-format", "json", "--set", "generation.max_tokens=24")
     yield server
     server.stop()
 
