@@ -276,7 +276,7 @@ def _check_empty(data_dir: Path) -> None:
 def _extract_verified(archive: Path, staging: Path, settings: Settings,
                       min_free_mb: int) -> dict[str, Any]:
     try:
-        tar = tarfile.open(archive, mode="r:*")
+        tar = tarfile.open(archive, mode="r:*")  # noqa: SIM115 (closed by the `with` below)
     except (tarfile.TarError, OSError) as exc:
         raise RestoreError(f"{archive} is not an edgekb backup: {exc}") from exc
     with tar:
@@ -304,7 +304,7 @@ def _extract_verified(archive: Path, staging: Path, settings: Settings,
             digest = hashlib.sha256()
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, member.mode & 0o700 or 0o600)
             with os.fdopen(fd, "wb") as out:
-                for block in iter(lambda: source.read(BLOCK), b""):
+                while block := source.read(BLOCK):
                     digest.update(block)
                     out.write(block)
                 out.flush()

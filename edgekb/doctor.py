@@ -246,7 +246,8 @@ def _ntp_synchronized() -> bool | None:
         return None
     try:
         result = subprocess.run(["timedatectl", "show", "--property=NTPSynchronized",
-                                 "--value"], capture_output=True, text=True, timeout=5)
+                                 "--value"], capture_output=True, text=True, timeout=5,
+                                check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     answer = result.stdout.strip()
@@ -277,11 +278,11 @@ def check_permissions(settings: Settings) -> list[Finding]:
     exposed = []
     for path in sorted(data_dir.iterdir()):
         secret = path.suffix in KEY_SUFFIXES
-        if path.is_file() and (secret or path.name.startswith("edgekb.db")):
-            # Keys are closed to the group too; the database to others.
-            if path.stat().st_mode & readers & (stat.S_IRGRP | stat.S_IROTH if secret
-                                                 else stat.S_IROTH):
-                exposed.append(path)
+        # Keys are closed to the group too; the database to others.
+        closed_to = stat.S_IRGRP | stat.S_IROTH if secret else stat.S_IROTH
+        if path.is_file() and (secret or path.name.startswith("edgekb.db")) and \
+                path.stat().st_mode & readers & closed_to:
+            exposed.append(path)
     for path in exposed:
         what = "a key" if path.suffix in KEY_SUFFIXES else "the database"
         findings.append(problem("permissions", f"{path} ({what}) can be read by other users"

@@ -262,7 +262,7 @@ class Sweeper:
         total = 0
         for _ in range(math.ceil(at_most / BATCH)):
             limit = min(BATCH, at_most - total)
-            deleted = await self.store.write(lambda db: deleter(db, before, limit))
+            deleted = await self.store.write(lambda db, n=limit: deleter(db, before, n))
             total += deleted
             if deleted < limit:
                 break

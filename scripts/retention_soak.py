@@ -27,7 +27,7 @@ import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-import serverproc  # noqa: E402
+import serverproc
 
 QUESTIONS = ["How do I reset the pump after an overpressure trip?",
              "What pressure does the relief valve open at?",

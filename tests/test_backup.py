@@ -20,8 +20,15 @@ from typing import Any
 import aiohttp
 import numpy as np
 import pytest
-from conftest import DEMO_QUESTION, Server, collect, edgekb_env, receive_json, run_edgekb, \
-    start_server
+from conftest import (
+    DEMO_QUESTION,
+    Server,
+    collect,
+    edgekb_env,
+    receive_json,
+    run_edgekb,
+    start_server,
+)
 
 from edgekb.backup import MANIFEST
 from edgekb.migrations import MIGRATIONS

@@ -23,6 +23,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -63,8 +64,20 @@ def _wheels_to_lend(tmp_path: Path) -> tuple[dict[Path, str], bool]:
     return binds, llama in binds and any(flat.iterdir())
 
 
+@dataclass
+class Box:
+    """The booted container, and whether wheels built here let it install without a compiler."""
+
+    container: Container
+    prebuilt: bool
+
+    def run(self, command: str, timeout_s: float = 600, check: bool = True,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return self.container.run(command, timeout_s, check, env)
+
+
 @pytest.fixture(scope="module")
-def box(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Container]:
+def box(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterator[Box]:
     where = tmp_path_factory.mktemp("install")
     binds, prebuilt = _wheels_to_lend(where)
     binds[models_cache] = "/srv/edgekb-models"
@@ -80,18 +93,17 @@ def box(tmp_path_factory: pytest.TempPathFactory, models_cache: Path) -> Iterato
     subprocess.run(["tar", "--null", "-T", "-", "-cf", str(where / "src.tar")], cwd=REPO,
                    input=files, check=True)
     subprocess.run(["tar", "-C", str(target), "-xf", str(where / "src.tar")], check=True)
-    container.prebuilt = prebuilt  # type: ignore[attr-defined]
     container.boot()
     try:
-        yield container
+        yield Box(container, prebuilt)
     finally:
         container.stop()
         shutil.rmtree(container.root, ignore_errors=True)
 
 
-def install(box: Container, *options: str) -> tuple[str, float]:
+def install(box: Box, *options: str) -> tuple[str, float]:
     flags = ["--models-from", "/srv/edgekb-models", *options]
-    if box.prebuilt:  # type: ignore[attr-defined]
+    if box.prebuilt:
         flags.append("--no-build-tools")
     started = time.monotonic()
     result = box.run(f"{SRC}/scripts/install {' '.join(flags)}", timeout_s=1800,
@@ -100,13 +112,13 @@ def install(box: Container, *options: str) -> tuple[str, float]:
     return result.stdout, time.monotonic() - started
 
 
-def service(box: Container) -> dict[str, str]:
+def service(box: Box) -> dict[str, str]:
     shown = box.run("systemctl show edgekb.service -p ActiveState -p SubState -p MainPID"
                     " -p NRestarts -p Result").stdout
     return dict(line.split("=", 1) for line in shown.splitlines() if "=" in line)
 
 
-def test_install_upgrade_uninstall_in_a_booted_debian(box: Container) -> None:
+def test_install_upgrade_uninstall_in_a_booted_debian(box: Box) -> None:
     port = _free_port()
     out, first_s = install(box, "--demo", "--port", str(port))
     match = re.search(r"edgekb is ready on (http://[\d.]+:\d+/)", out)

@@ -14,7 +14,6 @@ import aiohttp
 import pytest
 from conftest import DEMO_QUESTION, collect, edgekb_env, receive_json, start_server
 
-
 SNIPPET = """
 import logging, sys
 from edgekb import logs

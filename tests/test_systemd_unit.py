@@ -36,7 +36,7 @@ def _local_copy(tmp_path: Path, text: str) -> Path:
 
 def _verify(*paths: Path) -> str:
     result = subprocess.run(["systemd-analyze", "verify", *map(str, paths)],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     return (result.stdout + result.stderr).strip() + ("" if result.returncode == 0 else
                                                       f"\n(exit status {result.returncode})")
 
@@ -68,7 +68,7 @@ def test_the_unit_asks_for_what_the_appliance_relies_on() -> None:
 def test_hardening_exposure_is_at_most_three(tmp_path: Path) -> None:
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
                              str(_local_copy(tmp_path, UNIT.read_text()))],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     match = re.search(r"Overall exposure level for edgekb\.service: (\d+\.\d)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match[1]) <= MAX_EXPOSURE, result.stdout
