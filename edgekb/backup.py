@@ -298,7 +298,8 @@ def _extract_verified(archive: Path, staging: Path, settings: Settings,
                 raise RestoreError(f"{archive}: unexpected entry {member.name!r}; not restored")
             rel = DB_NAME if member.name == DATABASE else member.name[len(FILES):]
             dest = staging / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            for folder in reversed(dest.relative_to(staging).parents[:-1]):
+                (staging / folder).mkdir(mode=0o700, exist_ok=True)  # keys live in some
             source = tar.extractfile(member)
             assert source is not None  # a regular file, checked above
             digest = hashlib.sha256()

@@ -29,6 +29,7 @@ CLOCK_SLACK_S = 300.0
 MIN_FREE_INODES = 2000
 INODE_SHARE = 0.01
 KEY_SUFFIXES = (".key", ".pem", ".jwk", ".secret")
+SECRET_DIRS = ("auth",)  # signing keys of the login tokens (security.py)
 
 
 @dataclass(frozen=True)
@@ -272,19 +273,11 @@ def check_permissions(settings: Settings) -> list[Finding]:
         findings.append(problem("permissions", f"{data_dir} belongs to uid"
                                 f" {data_dir.stat().st_uid}, not to this user ({os.geteuid()})",
                                 f"chown -R {os.geteuid()} {data_dir}, or run as its owner"))
-    # Who can reach the files inside: others through o+x, the group through g+x.
-    readers = (stat.S_IROTH if mode & stat.S_IXOTH else 0) | \
-        (stat.S_IRGRP if mode & stat.S_IXGRP else 0)
-    exposed = []
-    for path in sorted(data_dir.iterdir()):
-        secret = path.suffix in KEY_SUFFIXES
-        # Keys are closed to the group too; the database to others.
-        closed_to = stat.S_IRGRP | stat.S_IROTH if secret else stat.S_IROTH
-        if path.is_file() and (secret or path.name.startswith("edgekb.db")) and \
-                path.stat().st_mode & readers & closed_to:
-            exposed.append(path)
-    for path in exposed:
-        what = "a key" if path.suffix in KEY_SUFFIXES else "the database"
+    exposed = [(path, secret) for path, secret in _sensitive_files(data_dir)
+               if path.stat().st_mode & _readers(data_dir, path.parent) &
+               (stat.S_IRGRP | stat.S_IROTH if secret else stat.S_IROTH)]
+    for path, secret in exposed:
+        what = "a key" if secret else "conversations"
         findings.append(problem("permissions", f"{path} ({what}) can be read by other users"
                                 f" (mode {stat.filemode(path.stat().st_mode)} in a folder they"
                                 " can enter)", f"chmod 600 {path}, and {fix}"))
@@ -294,3 +287,33 @@ def check_permissions(settings: Settings) -> list[Finding]:
     if not findings:
         findings.append(ok("permissions", f"{data_dir}: closed to other users"))
     return findings
+
+
+def _sensitive_files(data_dir: Path) -> list[tuple[Path, bool]]:
+    """(path, is a key) of what must stay private: keys (closed to the group too), and the
+    database and the audit trail (closed to others)."""
+    found = []
+    for path in sorted(data_dir.iterdir()):
+        if path.is_dir() and path.name in SECRET_DIRS:
+            found += [(f, True) for f in sorted(path.rglob("*")) if f.is_file()]
+        elif path.is_file() and path.suffix in KEY_SUFFIXES:
+            found.append((path, True))
+        elif path.is_file() and path.name.startswith(("edgekb.db", "audit.log")):
+            found.append((path, False))
+    return found
+
+
+def _readers(data_dir: Path, folder: Path) -> int:
+    """The read bits of those who can reach ``folder``: every folder from it up to the data dir
+    must let them through (x for others, x for the group)."""
+    reach = stat.S_IROTH | stat.S_IRGRP
+    part = folder
+    while True:
+        mode = part.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            reach &= ~stat.S_IROTH
+        if not mode & stat.S_IXGRP:
+            reach &= ~stat.S_IRGRP
+        if part in (data_dir, part.parent):
+            return reach
+        part = part.parent

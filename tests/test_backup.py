@@ -59,8 +59,9 @@ def test_round_trip_keeps_documents_keys_and_conversations(data_dir: Path, tmp_p
     uploaded.parent.mkdir(parents=True)
     uploaded.write_text("# Valve V-9\n\n## Opening\n\nTurn the handwheel left twice.\n")
     run_edgekb(["ingest", str(uploaded), "--data-dir", str(data_dir)], env, check=True)
-    key = data_dir / "signing.key"
-    key.write_bytes(b"k" * 32)
+    key = data_dir / "auth" / "keys.json"  # where the security layer keeps its signing keys
+    key.parent.mkdir(mode=0o700)
+    key.write_bytes(b'{"k": "secret"}')
     key.chmod(0o600)
     conn = sqlite3.connect(data_dir / "edgekb.db")
     conn.execute("INSERT INTO sessions VALUES ('S1', 'u', 1.0, 2.0)")
@@ -78,8 +79,9 @@ def test_round_trip_keeps_documents_keys_and_conversations(data_dir: Path, tmp_p
     target = tmp_path / "restored"
     result = run_edgekb(["restore", str(archive), "--data-dir", str(target)], env, check=True)
     assert "indexes rebuilt (default: " in result.stderr
-    assert sha256(target / "signing.key") == sha256(key)
-    assert (target / "signing.key").stat().st_mode & 0o077 == 0
+    assert sha256(target / "auth" / "keys.json") == sha256(key)
+    assert (target / "auth" / "keys.json").stat().st_mode & 0o077 == 0
+    assert (target / "auth").stat().st_mode & 0o077 == 0
     assert sha256(target / "docs" / "default" / "valve.md") == sha256(uploaded)
     conn = sqlite3.connect(target / "edgekb.db")
     paths = [r[0] for r in conn.execute("SELECT path FROM documents ORDER BY path")]

@@ -156,18 +156,20 @@ def test_a_clock_never_set_or_gone_back_is_a_problem(data_dir: Path) -> None:
 
 
 def test_open_permissions_are_problems(data_dir: Path, models_cache: Path) -> None:
-    key = data_dir / "signing.key"
-    key.write_text("secret")
+    auth = data_dir / "auth"
+    auth.mkdir(mode=0o750)
+    key = auth / "keys.json"
+    key.write_text("{}")
     key.chmod(0o640)
     data_dir.chmod(0o750)  # the group may enter: the key must be closed to it
     found = of(findings(data_dir, models_cache), "permissions", "problem")
     assert [f.message.split(" ")[0] for f in found] == [str(key)]
     assert found[0].fix.startswith(f"chmod 600 {key}")
+    auth.chmod(0o700)  # the group cannot enter auth/ any more
+    assert not of(findings(data_dir, models_cache), "permissions", "problem")
     data_dir.chmod(0o777)
     found = of(findings(data_dir, models_cache), "permissions", "problem")
     assert "writable by every user" in found[0].message
-    assert any("the database" in f.message for f in found)  # now others can read it too
-    key.chmod(0o600)
+    assert any("conversations" in f.message for f in found)  # others can read the database
     data_dir.chmod(0o700)
     assert not of(findings(data_dir, models_cache), "permissions", "problem")
-
