@@ -1,5 +1,8 @@
 """`edgekb doctor`: what is wrong with this appliance, and what to do about each thing.
 
+Checked: settings, models (sha256), the database (schema, integrity), the index against it,
+disk space and inodes, the clock, TLS files, and the permissions of the data dir and keys.
+
 Each check returns findings: ``problem`` (edgekb cannot work right until it is fixed; the
 command exits non-zero), ``warning`` (it works, but look at it) or ``ok``. The checks only
 read: the database is opened read-only (never migrated), so the doctor runs beside a server.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
+import ssl
 import stat
 import subprocess
 import time
@@ -28,6 +32,7 @@ EARLIEST_PLAUSIBLE = time.mktime((2025, 1, 1, 0, 0, 0, 0, 0, 0))
 CLOCK_SLACK_S = 300.0
 MIN_FREE_INODES = 2000
 INODE_SHARE = 0.01
+CERT_RENEW_S = 30 * 86400
 KEY_SUFFIXES = (".key", ".pem", ".jwk", ".secret")
 SECRET_DIRS = ("auth",)  # signing keys of the login tokens (security.py)
 
@@ -61,6 +66,10 @@ def examine(settings: Settings, now: Callable[[], float] = time.time) -> list[Fi
     findings += check_database(settings)
     findings += check_disk(settings)
     findings += check_clock(settings, now())
+    # The tls section comes with the security layer; without it there is nothing to check.
+    tls = getattr(settings, "tls", None)
+    if tls is not None:
+        findings += check_tls(tls.certificate, tls.private_key, now())
     findings += check_permissions(settings)
     return findings
 
@@ -253,6 +262,68 @@ def _ntp_synchronized() -> bool | None:
         return None
     answer = result.stdout.strip()
     return {"yes": True, "no": False}.get(answer) if result.returncode == 0 else None
+
+
+# --- TLS ------------------------------------------------------------------------------------
+
+def check_tls(certificate: str, private_key: str, now: float) -> list[Finding]:
+    """The configured pair loads, matches, is valid now and for a while, and the key is closed
+    to other users."""
+    if not certificate and not private_key:
+        return [ok("tls", "not configured: the page is served over plain http")]
+    if not certificate or not private_key:
+        return [problem("tls", "only one of tls.certificate and tls.private_key is set",
+                        "set both, or neither")]
+    cert, key = Path(certificate).expanduser(), Path(private_key).expanduser()
+    for path in (cert, key):
+        if not path.is_file():
+            return [problem("tls", f"{path} does not exist", "edgekb tls self-signed makes a"
+                            " pair, or point the setting at your certificate files")]
+    findings = []
+    if key.stat().st_mode & stat.S_IRWXO:
+        findings.append(problem("tls", f"the private key {key} can be read by other users",
+                                f"chmod 600 {key}"))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(cert), str(key))
+    except (OSError, ssl.SSLError) as exc:
+        return [*findings, problem("tls", f"{cert} and {key} do not load as a pair: {exc}",
+                                   "use the key the certificate was issued for")]
+    window = _validity(cert)
+    if window is None:
+        return [*findings, ok("tls", f"{cert} loads with its key")]
+    begins, ends = window
+    until = time.strftime("%Y-%m-%d", time.gmtime(ends))
+    if now < begins:
+        findings.append(problem("tls", f"{cert} is valid only from"
+                                f" {time.strftime('%Y-%m-%d', time.gmtime(begins))}: browsers"
+                                " refuse it (is the clock wrong?)", "check the clock first"))
+    elif now > ends:
+        findings.append(problem("tls", f"{cert} expired on {until}", "renew the certificate"
+                                " (edgekb tls self-signed for a new self-signed one)"))
+    elif ends - now < CERT_RENEW_S:
+        findings.append(warning("tls", f"{cert} expires on {until}", "renew it soon"))
+    else:
+        findings.append(ok("tls", f"{cert} loads with its key, valid until {until}"))
+    return findings
+
+
+def _validity(cert: Path) -> tuple[float, float] | None:
+    """(not before, not after) of a PEM certificate, read by the openssl program."""
+    if shutil.which("openssl") is None:
+        return None
+    try:
+        result = subprocess.run(["openssl", "x509", "-noout", "-startdate", "-enddate", "-in",
+                                 str(cert)], capture_output=True, text=True, timeout=10,
+                                check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    dates = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+    try:
+        return (ssl.cert_time_to_seconds(dates["notBefore"]),
+                ssl.cert_time_to_seconds(dates["notAfter"]))
+    except (KeyError, ValueError):
+        return None
 
 
 # --- permissions -----------------------------------------------------------------------------

@@ -173,3 +173,35 @@ def test_open_permissions_are_problems(data_dir: Path, models_cache: Path) -> No
     assert any("conversations" in f.message for f in found)  # others can read the database
     data_dir.chmod(0o700)
     assert not of(findings(data_dir, models_cache), "permissions", "problem")
+
+
+def make_pair(folder: Path, name: str, days: int = 90) -> tuple[Path, Path]:
+    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", str(days), "-subj",
+                    "/CN=edgekb-test", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    key.chmod(0o600)
+    return cert, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test pairs")
+def test_tls_files_that_are_wrong_are_problems(tmp_path: Path) -> None:
+    cert, key = make_pair(tmp_path, "good")
+    other_cert, _ = make_pair(tmp_path, "other")
+    now = time.time()
+    assert [f.level for f in doctor.check_tls(str(cert), str(key), now)] == ["ok"]
+    assert doctor.check_tls("", "", now)[0].level == "ok"  # plain http: nothing to check
+    assert "only one" in doctor.check_tls(str(cert), "", now)[0].message
+    assert "does not exist" in doctor.check_tls(str(tmp_path / "no.crt"), str(key), now)[0].message
+    mismatch = doctor.check_tls(str(other_cert), str(key), now)
+    assert mismatch[0].level == "problem" and "do not load as a pair" in mismatch[0].message
+    expired = doctor.check_tls(str(cert), str(key), now + 100 * 86400)
+    assert expired[0].level == "problem" and "expired" in expired[0].message
+    soon = doctor.check_tls(str(cert), str(key), now + 70 * 86400)
+    assert soon[0].level == "warning" and "expires" in soon[0].message
+    early = doctor.check_tls(str(cert), str(key), now - 86400)
+    assert early[0].level == "problem" and "clock" in early[0].message
+    key.chmod(0o644)
+    readable = doctor.check_tls(str(cert), str(key), now)
+    assert readable[0].level == "problem" and readable[0].fix == f"chmod 600 {key}"
