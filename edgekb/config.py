@@ -101,7 +101,7 @@ class RetentionSettings:
     sessions_days: float = 90.0
     turns_days: float = 30.0
     request_logs_days: float = 2.0
-    max_mb: int = 256
+    max_mb: float = 256.0
     sweep_interval_s: float = 300.0
 
 

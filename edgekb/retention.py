@@ -12,7 +12,8 @@ appliance that was switched off for two months, or whose clock jumped ahead, kee
 
 Every delete is a short transaction of at most ``BATCH`` rows on the store's writer thread, so
 answers being written wait for at most one batch. The sweeper runs when the LLM is idle (or,
-under constant load, after waiting one more interval), then truncates the WAL. A VACUUM blocks
+under constant load, after waiting one more interval), then truncates the WAL if it deleted
+anything or the WAL grew large. A VACUUM blocks
 every writer for its whole length, so it runs only at start-up, before anything is served.
 """
 
@@ -40,6 +41,9 @@ RECENT_LOGS_S = 3600.0      # over the cap, request logs younger than this go wi
 CAP_TARGET = 0.9            # over the cap, delete down to 90 % of it, not to just below
 IDLE_POLL_S = 1.0
 CHECKPOINT_BUSY_MS = 200    # a checkpoint that would wait for readers longer gives up
+# SQLite checkpoints the WAL by itself but never shrinks the file: one that a burst (a long
+# backup holding a snapshot, say) grew past this is truncated by the next sweep.
+WAL_TRUNCATE_BYTES = 8 * 1024 * 1024
 VACUUM_MIN_FREE_SHARE = 0.25
 VACUUM_MIN_FREE_BYTES = 8 * 1024 * 1024
 CONVERSATION_TABLES = ("sessions", "requests", "events", "turns")
@@ -219,12 +223,13 @@ class Sweeper:
             if days > 0:
                 await self._delete(report, kind, reference - days * DAY_S, MAX_BATCHES * BATCH)
         await self._enforce_cap(report, reference)
-        if report.deleted:
+        wal = self.store.path.with_name(self.store.path.name + "-wal")
+        if report.deleted or (wal.exists() and wal.stat().st_size > WAL_TRUNCATE_BYTES):
             report.wal_truncated = await self.store.write(truncate_wal)
         return report
 
     async def _enforce_cap(self, report: SweepReport, reference: float) -> None:
-        cap = self.settings.max_mb * 1024 * 1024
+        cap = int(self.settings.max_mb * 1024 * 1024)
         sizes = await self.store.read(conversation_bytes)
         report.bytes_before = report.bytes_after = sum(sizes.values())
         if not cap or report.bytes_before <= cap:

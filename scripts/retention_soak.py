@@ -43,7 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--max-mb", type=int, default=1, help="retention.max_mb (0: no cap)")
+    parser.add_argument("--max-mb", type=float, default=0.25,
+                        help="retention.max_mb (0: no cap)")
     parser.add_argument("--sweep-s", type=float, default=15.0,
                         help="retention.sweep_interval_s")
     parser.add_argument("--sample-s", type=float, default=10.0)

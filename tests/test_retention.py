@@ -246,3 +246,16 @@ def test_start_up_compacts_a_database_that_is_mostly_free_pages(db: Path) -> Non
     assert db.stat().st_size < total * 0.1
     assert not retention.compact_if_fragmented(store, db.parent, 0)  # nothing left to gain
     store.close()
+
+
+async def test_a_wal_grown_large_is_truncated_even_with_nothing_to_delete(db: Path) -> None:
+    store = Store(db)  # kept open: the last connection to close would remove the WAL itself
+    store.conn.execute("PRAGMA wal_autocheckpoint=0")  # as if a reader had held it back
+    for n in range(120):
+        add_turn(store, f"s{n}", "r", answer_chars=100_000, deltas=10)
+    wal = db.parent / "edgekb.db-wal"
+    assert wal.stat().st_size > retention.WAL_TRUNCATE_BYTES
+    report = await sweep(db, NO_LIMITS)
+    assert report.deleted == 0 and report.wal_truncated
+    assert wal.stat().st_size == 0
+    store.close()
