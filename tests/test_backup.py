@@ -240,7 +240,9 @@ def summary(events: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], str, s
 
 async def test_a_backup_under_load_restores_to_a_data_dir_that_answers_the_same(
         data_dir: Path, tmp_path: Path, models_cache: Path) -> None:
-    env = edgekb_env(models_cache, EDGEKB_GENERATION__MAX_TOKENS="48")  # short answers suffice
+    # Short answers suffice; one client queues several questions at once.
+    env = edgekb_env(models_cache, EDGEKB_GENERATION__MAX_TOKENS="48",
+                     EDGEKB_QUEUE__MAX_PER_USER="8")
     server = start_server(data_dir, env)
     restored_server: Server | None = None
     try:
