@@ -240,21 +240,25 @@ class Sweeper:
             if excess <= 0:
                 return
             counts = await self.store.read(row_counts)
+            # What deleting one row frees, on average: a turn goes with its request log, a
+            # session with everything.
+            frees = {"request_logs": sizes["request_logs"] / max(1, counts["requests"]),
+                     "turns": (sizes["turns"] + sizes["request_logs"]) / max(1, counts["turns"]),
+                     "sessions": sum(sizes.values()) / max(1, counts["sessions"])}
             deleted = 0
             # The oldest request logs first, but not those of the last hour (a client that
             # lost its link resumes from them); what they cannot free comes from the oldest
-            # turns (with their logs), then sessions. Each kind gives the share of its rows
-            # that its share of the bytes owes.
+            # turns (with their logs), then sessions. Measuring again corrects the estimate.
             for kind, table, before in (
                     ("request_logs", "requests", reference - RECENT_LOGS_S),
                     ("turns", "turns", None), ("sessions", "sessions", None)):
                 if excess <= 0:
                     break
-                if not sizes[kind] or not counts[table]:
+                if not counts[table] or not frees[kind]:
                     continue
-                wanted = math.ceil(counts[table] * min(1.0, excess / sizes[kind]))
-                gone = await self._delete(report, kind, before, wanted)
-                excess -= sizes[kind] * gone / counts[table]
+                gone = await self._delete(report, kind, before,
+                                          math.ceil(excess / frees[kind]))
+                excess -= frees[kind] * gone
                 deleted += gone
             if not deleted:
                 return  # nothing left that may be deleted (running requests only)
