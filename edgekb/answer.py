@@ -1,7 +1,9 @@
 """The answer pipeline: retrieve -> prompt -> generate, as a stream of protocol events.
 
-Events here carry no request id or seq: the transport's request stream numbers them.
-Deltas are coalesced: every token produced within one flush interval goes out in one event.
+Events here carry no request id or seq: the request's log numbers them (runs.py). The stream
+ends with an ``AnswerEnd`` that holds the whole text; the conversation core turns it into the
+`done` event and the stored turn. Deltas are coalesced: every token produced within one flush
+interval goes out in one event (split when it would exceed the event size bound).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
+from . import events
 from .llm import Finished, GenerationRequest, LlmEngine, Piece, Reading
 from .llm_remote import RemoteLlm
 from .prompt import PromptBuilder, cite_where
@@ -30,6 +33,30 @@ class AnswerOptions:
     temperature: float
     flush_interval_s: float
     kbs: tuple[str, ...] | None = None   # None: every knowledge base
+
+
+@dataclass(frozen=True)
+class AnswerEnd:
+    """The last item of an answer stream."""
+
+    finish: str                  # stop | length | cancelled
+    text: str
+    usage: dict[str, Any]
+    timings: dict[str, Any]
+
+
+AnswerItem = dict[str, Any] | AnswerEnd
+
+
+class Answers(Protocol):
+    """What the conversation core needs of an answer engine (tests script their own)."""
+
+    def answer(self, question: str, options: AnswerOptions, cancel: threading.Event,
+               history: Sequence[Turn] = (), cache_key: str | None = None
+               ) -> AsyncIterator[AnswerItem]: ...
+
+    async def prefill(self, history: Sequence[Turn], cache_key: str,
+                      cancel: threading.Event) -> int: ...
 
 
 def source_entry(number: int, scored: ScoredHit) -> dict[str, Any]:
@@ -75,13 +102,13 @@ class AnswerEngine:
 
     async def answer(self, question: str, options: AnswerOptions, cancel: threading.Event,
                      history: Sequence[Turn] = (), cache_key: str | None = None
-                     ) -> AsyncIterator[dict[str, Any]]:
+                     ) -> AsyncIterator[AnswerItem]:
         """Events of one answer; setting ``cancel`` stops generation within one token.
 
         ``history`` is the session's earlier turns; ``cache_key`` names whose KV state to keep.
         """
         started = time.perf_counter()
-        yield {"type": "status", "stage": "retrieving"}
+        yield events.status("retrieving")
         hits = merge_neighbours(await self.store.read(
             lambda db: self.searcher.search(db, question, options.k, options.kbs)))
         retrieval_ms = (time.perf_counter() - started) * 1000
@@ -90,7 +117,8 @@ class AnswerEngine:
         prompt = await loop.run_in_executor(
             None, self.prompts.build, question, [s.hit for s in hits], history)
         used = hits[: prompt.sources_used]
-        yield {"type": "sources", "sources": [source_entry(i + 1, s) for i, s in enumerate(used)]}
+        for number, scored in enumerate(used, start=1):
+            yield events.source(source_entry(number, scored))
         generation = GenerationRequest(prompt.text, options.max_tokens, options.temperature,
                                        prompt.stop, cancel, cache_key)
         text: list[str] = []
@@ -100,8 +128,7 @@ class AnswerEngine:
         async for item in self.llm.stream(generation):
             if isinstance(item, Reading):
                 if item.total and item.done < item.total:
-                    yield {"type": "status", "stage": "reading",
-                           "progress": round(item.done / item.total, 3)}
+                    yield events.status("reading", item.done / item.total)
             elif isinstance(item, Piece):
                 if not text and not pending:  # an answer starts at its first visible character
                     item = Piece(item.text.lstrip())
@@ -110,20 +137,22 @@ class AnswerEngine:
                 now = time.perf_counter()
                 if first_token_at is None:
                     first_token_at = now
-                    yield {"type": "status", "stage": "generating"}
+                    yield events.status("generating")
                 pending.append(item.text)
                 if now - last_flush >= options.flush_interval_s:
                     chunk = "".join(pending)
                     pending.clear()
                     text.append(chunk)
                     last_flush = now
-                    yield {"type": "delta", "text": chunk}
+                    for delta in events.deltas(chunk):
+                        yield delta
             elif isinstance(item, Finished):
                 if pending:
                     chunk = "".join(pending)
                     text.append(chunk)
-                    yield {"type": "delta", "text": chunk}
-                yield self._done(item, "".join(text), started, retrieval_ms, first_token_at)
+                    for delta in events.deltas(chunk):
+                        yield delta
+                yield self._end(item, "".join(text), started, retrieval_ms, first_token_at)
 
     async def prefill(self, history: Sequence[Turn], cache_key: str,
                       cancel: threading.Event) -> int:
@@ -135,20 +164,19 @@ class AnswerEngine:
         return await self.llm.prefill(head, cache_key, cancel)
 
     @staticmethod
-    def _done(result: Finished, text: str, started: float, retrieval_ms: float,
-              first_token_at: float | None) -> dict[str, Any]:
+    def _end(result: Finished, text: str, started: float, retrieval_ms: float,
+             first_token_at: float | None) -> AnswerEnd:
         total_ms = (time.perf_counter() - started) * 1000
         seconds = result.generation_ms / 1000
-        return {
-            "type": "done", "finish": result.finish, "text": text,
-            "usage": {"prompt_tokens": result.prompt_tokens,
-                      "cached_prompt_tokens": result.cached_tokens,
-                      "completion_tokens": result.completion_tokens},
-            "timings": {
+        return AnswerEnd(
+            result.finish, text,
+            usage={"prompt_tokens": result.prompt_tokens,
+                   "cached_prompt_tokens": result.cached_tokens,
+                   "completion_tokens": result.completion_tokens},
+            timings={
                 "retrieval_ms": round(retrieval_ms, 1),
                 "prompt_ms": round(result.prompt_ms, 1),
                 "ttft_ms": round((first_token_at - started) * 1000, 1) if first_token_at else None,
                 "total_ms": round(total_ms, 1),
                 "tokens_per_s": round(result.completion_tokens / seconds, 1) if seconds else None,
-            },
-        }
+            })

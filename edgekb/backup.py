@@ -34,7 +34,7 @@ from typing import IO, Any
 
 from . import __version__
 from .config import Settings
-from .errors import EdgekbError
+from .errors import DiskFull, EdgekbError, SchemaTooNew
 from .migrations import MIGRATIONS
 
 log = logging.getLogger(__name__)
@@ -66,16 +66,6 @@ class RestoreError(EdgekbError):
     code = "restore_failed"
 
 
-class SchemaTooNew(EdgekbError):
-    """The database was written by a newer edgekb: this one would misread it."""
-
-    code = "schema_too_new"
-
-
-class NotEnoughDisk(EdgekbError):
-    code = "disk_full"
-
-
 @dataclass(frozen=True)
 class BackupReport:
     path: Path
@@ -100,7 +90,7 @@ def ensure_room(folder: Path, needed: int, min_free_mb: int, what: str) -> None:
     free = shutil.disk_usage(folder).free
     floor = min_free_mb * 1024 * 1024
     if free - needed < floor:
-        raise NotEnoughDisk(
+        raise DiskFull(
             f"{what} needs {_mb(needed)} MB and {folder} has {_mb(free)} MB free; at least"
             f" {min_free_mb} MB must stay free (storage.min_free_mb): free some space first")
 
@@ -345,12 +335,11 @@ def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict[str, Any]:
 
 def _reopen(settings: Settings, manifest: dict[str, Any], files: int) -> RestoreReport:
     """Point uploaded documents at their new place, migrate, rebuild the vector indexes."""
-    from .engines import open_catalog
+    from .engines import embedder_identity, open_catalog
     from .index import Library
     from .store import Store
 
-    catalog = open_catalog(settings)
-    dim = int(catalog.get(settings.models.embedder, kind="embedder").settings["dim"])
+    entry = open_catalog(settings).get(settings.models.embedder, kind="embedder")
     store = Store(settings.db_path)  # migrates the schema forward
     try:
         old, new = manifest["docs_dir"].rstrip("/") + "/", str(settings.docs_dir) + "/"
@@ -359,8 +348,9 @@ def _reopen(settings: Settings, manifest: dict[str, Any], files: int) -> Restore
                 store.conn.execute(
                     "UPDATE documents SET path = ? || substr(path, ?) WHERE substr(path, 1, ?) = ?",
                     (new, len(old) + 1, len(old), old))
-        library = Library(dim, settings.data_dir)
-        library.load(store)
+        store.purge_unpublished()  # what the source's ingest had not finished publishing
+        library = Library(int(entry.settings["dim"]), settings.data_dir, embedder_identity(entry))
+        library.load(store, lambda fn: fn(store))  # rebuilt (no index file), saved
         indexes = {kb: len(library.get(kb)) for kb in store.kbs()}
         version = store.conn.execute("PRAGMA user_version").fetchone()[0]
         counts = _counts(store.conn)

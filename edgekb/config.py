@@ -71,6 +71,11 @@ class SessionsSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    min_free_mb: int = 64
+
+
+@dataclass(frozen=True)
 class IngestSettings:
     max_file_mb: int = 64
 
@@ -89,11 +94,6 @@ class GenerationSettings:
     threads: int = 0
     n_batch: int = 128
     state_cache_mb: int = 64
-
-
-@dataclass(frozen=True)
-class StorageSettings:
-    min_free_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -124,9 +124,9 @@ class Settings:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     sessions: SessionsSettings = field(default_factory=SessionsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
-    storage: StorageSettings = field(default_factory=StorageSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
 
@@ -184,6 +184,7 @@ _CHECKS: dict[str, _Check] = {
     "queue.max_waiting": _between(1, 1000),
     "queue.max_per_user": _between(1, 100),
     "sessions.grace_s": _at_least(0),
+    "storage.min_free_mb": _between(0, 1 << 20),
     "generation.state_cache_mb": _between(0, 4096),
     "models.llm": _NON_EMPTY,
     "models.embedder": _NON_EMPTY,
@@ -197,7 +198,6 @@ _CHECKS: dict[str, _Check] = {
     "generation.temperature": _between(0, 2),
     "generation.threads": _at_least(0),
     "generation.n_batch": _at_least(1),
-    "storage.min_free_mb": _at_least(0),
     "retention.sessions_days": _at_least(0),
     "retention.turns_days": _at_least(0),
     "retention.request_logs_days": _at_least(0),

@@ -24,7 +24,7 @@ from typing import Any
 
 from .catalog import file_state
 from .config import Settings
-from .errors import ModelError
+from .errors import EmbedderMismatch, ModelError
 from .migrations import MIGRATIONS
 
 # A clock before this date was never set (a board without a real-time clock boots in 1970).
@@ -124,7 +124,7 @@ def check_database(settings: Settings) -> list[Finding]:
                         "add documents: edgekb ingest PATH (or --demo), or upload them on the"
                         " page")]
     try:
-        store = Store.read_only(db)
+        store = Store.inspect(db)
         version = store.conn.execute("PRAGMA user_version").fetchone()[0]
         check = store.conn.execute("PRAGMA quick_check").fetchone()[0]
     except sqlite3.Error as exc:
@@ -160,10 +160,22 @@ def _schema_finding(version: int) -> Finding:
 
 
 def _index_findings(settings: Settings, store: Any, library_cls: Any) -> list[Finding]:
+    from .engines import embedder_identity, open_catalog
+
+    try:
+        entry = open_catalog(settings).get(settings.models.embedder, kind="embedder")
+        identity = embedder_identity(entry)
+    except ModelError:
+        identity = ""  # the models check reports it; the vectors' origin is not compared
     findings = []
-    library = library_cls(0, settings.data_dir)  # dim unused: nothing is loaded
+    library = library_cls(0, settings.data_dir, identity)  # dim unused: nothing is loaded
     for kb in store.kbs():
-        reason = library.get(kb).mismatch(store)
+        try:
+            reason = library.get(kb).mismatch(store)
+        except EmbedderMismatch as exc:
+            findings.append(problem("index", exc.message, f"stop edgekb, run edgekb reindex"
+                                    f" --kb {kb}, start it again"))
+            continue
         if reason is None:
             findings.append(ok("index", f"{kb}: index matches the database"))
         else:

@@ -24,8 +24,9 @@ TOKENS_PER_RUN = 512
 
 class Embedder:
     def __init__(self, model_path: Path, tokenizer_path: Path, *, dim: int, max_tokens: int = 256,
-                 threads: int = 0, batch_size: int = 16) -> None:
+                 threads: int = 0, batch_size: int = 16, identity: str = "") -> None:
         self.dim = dim
+        self.identity = identity  # recorded with each index: vectors of another model differ
         self.max_tokens = max_tokens
         self.batch_size = batch_size
         self.token_budget = TOKENS_PER_RUN

@@ -23,6 +23,7 @@ from .app import create_app
 from .backup import before_migrating
 from .config import Settings
 from .datadir import exclusive
+from .http_errors import AppRunner
 from .sdnotify import Notifier, Watchdog, watchdog_interval_s
 from .store import Store
 
@@ -32,7 +33,8 @@ SD_LISTEN_FDS_START = 3
 # What each start-up step of create_app does, for systemctl status (STATUS=).
 _STEPS = {"_store": "opening the database", "_embedder": "verifying and loading the embedder",
           "_library": "loading the vector index", "_ingest": "starting the ingest thread",
-          "_llm": "verifying and loading the LLM", "_conversations": "restoring conversations"}
+          "_llm": "verifying and loading the LLM", "_conversations": "restoring conversations",
+          "sweep": "starting the connection heartbeats"}
 
 
 async def serve(settings: Settings) -> None:
@@ -46,8 +48,7 @@ async def serve(settings: Settings) -> None:
             _announce_steps(app, notifier)
             app.cleanup_ctx.append(_retention_sweeper)
             # Handlers close their sockets within ws.CLOSE_WAIT_S of the shutdown notice.
-            runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                   shutdown_timeout=10)
+            runner = AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
             await runner.setup()  # runs every cleanup_ctx start-up: models, index, store
             try:
                 site = _site(runner, settings)

@@ -81,7 +81,7 @@ async def client(url: str, number: int, until: float, counter: list[int]) -> Non
     asked = 0
     async with aiohttp.ClientSession() as http:
         while time.monotonic() < until:
-            async with http.ws_connect(url, protocols=("edgekb.v1",)) as ws:
+            async with http.ws_connect(url, protocols=("edgekb.v2",)) as ws:
                 await ws.receive_json(timeout=30)  # welcome: a new session
                 for _ in range(QUESTIONS_PER_SESSION):
                     if time.monotonic() >= until:

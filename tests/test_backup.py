@@ -23,10 +23,12 @@ import pytest
 from conftest import (
     DEMO_QUESTION,
     Server,
+    answer_text,
     collect,
     edgekb_env,
     receive_json,
     run_edgekb,
+    sources_of,
     start_server,
 )
 
@@ -163,7 +165,7 @@ def test_a_damaged_or_foreign_archive_restores_nothing(data_dir: Path, tmp_path:
 
 def test_no_room_for_the_backup_is_a_typed_error_and_writes_nothing(
         data_dir: Path, tmp_path: Path, models_cache: Path) -> None:
-    env = edgekb_env(models_cache, EDGEKB_STORAGE__MIN_FREE_MB="100000000")
+    env = edgekb_env(models_cache, EDGEKB_STORAGE__MIN_FREE_MB="1000000")
     archive = tmp_path / "out" / "edgekb.tar"
     result = run_edgekb(["backup", str(archive), "--data-dir", str(data_dir)], env)
     assert result.returncode == 2 and "disk_full" in result.stderr
@@ -222,7 +224,7 @@ async def ask_all(server: Server, questions: list[str]) -> list[list[dict[str, A
     answers = []
     async with aiohttp.ClientSession() as http:
         for n, question in enumerate(questions):
-            async with http.ws_connect(server.ws_url, protocols=("edgekb.v1",)) as ws:
+            async with http.ws_connect(server.ws_url, protocols=("edgekb.v2",)) as ws:
                 await receive_json(ws)
                 await ws.send_json({"type": "ask", "id": f"q{n}", "text": question})
                 answers.append(await collect(ws, f"q{n}"))
@@ -231,11 +233,8 @@ async def ask_all(server: Server, questions: list[str]) -> list[list[dict[str, A
 
 def summary(events: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], str, str]:
     """What a user sees: the sources (document, where), the text, how it ended."""
-    sources = [(s["doc"], s.get("where") or "") for e in events if e["type"] == "sources"
-               for s in e["sources"]] + [(e["doc"], e.get("where") or "") for e in events
-                                          if e["type"] == "source"]
-    text = "".join(e["text"] for e in events if e["type"] == "delta")
-    return sources, text, events[-1].get("finish", events[-1]["type"])
+    sources = [(s["doc"], s.get("where") or "") for s in sources_of(events)]
+    return sources, answer_text(events), events[-1].get("finish", events[-1]["type"])
 
 
 async def test_a_backup_under_load_restores_to_a_data_dir_that_answers_the_same(
@@ -248,7 +247,7 @@ async def test_a_backup_under_load_restores_to_a_data_dir_that_answers_the_same(
     try:
         archive = tmp_path / "under-load.tar.gz"
         async with aiohttp.ClientSession() as http, http.ws_connect(
-                server.ws_url, protocols=("edgekb.v1",)) as ws:
+                server.ws_url, protocols=("edgekb.v2",)) as ws:
             session = (await receive_json(ws))["session"]
             await ws.send_json({"type": "ask", "id": "before", "text": QUESTIONS[0]})
             assert (await collect(ws, "before"))[-1]["type"] == "done"
@@ -279,7 +278,7 @@ async def test_a_backup_under_load_restores_to_a_data_dir_that_answers_the_same(
                    for sources, text, finish in again)
         # The conversation in progress at backup time is there with its finished turn.
         async with aiohttp.ClientSession() as http, http.ws_connect(
-                f"{restored_server.ws_url}?session={session}", protocols=("edgekb.v1",)) as ws:
+                f"{restored_server.ws_url}?session={session}", protocols=("edgekb.v2",)) as ws:
             welcome = await receive_json(ws)
             assert welcome["resumed"] is True
             await ws.send_json({"type": "history"})

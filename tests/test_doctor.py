@@ -118,7 +118,7 @@ def test_schema_versions_newer_older_and_a_damaged_database(data_dir: Path,
 
 
 def test_low_disk_space_is_a_problem(data_dir: Path, models_cache: Path) -> None:
-    found = of(findings(data_dir, models_cache, EDGEKB_STORAGE__MIN_FREE_MB="100000000"),
+    found = of(findings(data_dir, models_cache, EDGEKB_STORAGE__MIN_FREE_MB="1000000"),
                "disk", "problem")
     assert "below storage.min_free_mb" in found[0].message and "backups" in found[0].fix
 

@@ -201,7 +201,7 @@ def test_install_upgrade_uninstall_in_a_booted_debian(box: Box) -> None:
 
 async def _ask(url: str, question: str) -> tuple[str, list[dict]]:
     async with aiohttp.ClientSession() as http, http.ws_connect(
-            f"{url}ws", protocols=("edgekb.v1",)) as ws:
+            f"{url}ws", protocols=("edgekb.v2",)) as ws:
         welcome = await receive_json(ws)
         await ws.send_json({"type": "ask", "id": "q1", "text": question})
         return welcome["session"], await collect(ws, "q1")
@@ -209,7 +209,7 @@ async def _ask(url: str, question: str) -> tuple[str, list[dict]]:
 
 async def _history(url: str, session: str) -> list[dict]:
     async with aiohttp.ClientSession() as http, http.ws_connect(
-            f"{url}ws?session={session}", protocols=("edgekb.v1",)) as ws:
+            f"{url}ws?session={session}", protocols=("edgekb.v2",)) as ws:
         await receive_json(ws)
         await ws.send_json({"type": "history"})
         return (await receive_json(ws))["turns"]

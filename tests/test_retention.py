@@ -20,8 +20,7 @@ NO_LIMITS = RetentionSettings(sessions_days=0, turns_days=0, request_logs_days=0
 
 def add_turn(store: Store, session: str, request: str, answer_chars: int = 200,
              deltas: int = 5, ended: bool = True) -> None:
-    sessions.open_session(store, session, "tester")
-    assert sessions.begin_request(store, session, request, f"question {request}")
+    assert sessions.begin_request(store, session, "tester", request, f"question {request}")
     piece = "x" * (answer_chars // deltas)
     frames = [(n, json.dumps({"type": "delta", "id": request, "seq": n, "text": piece}))
               for n in range(1, deltas + 1)]
@@ -40,6 +39,10 @@ def age(store: Store, days: float, session: str | None = None) -> None:
                            (shift, *args))
         store.conn.execute("UPDATE sessions SET updated_at = updated_at - ?"
                            + (" WHERE id = ?" if session else ""), (shift, *args))
+
+
+def exists(store: Store, session: str) -> bool:
+    return sessions.session_owner(store, session) is not None
 
 
 def count(store: Store, table: str, session: str | None = None) -> int:
@@ -103,7 +106,7 @@ async def test_unused_sessions_go_with_everything_they_hold(db: Path) -> None:
                                                request_logs_days=0, max_mb=0))
     store = Store(db)
     assert report.sessions == 1
-    assert not sessions.session_exists(store, "gone") and sessions.session_exists(store, "kept")
+    assert not exists(store, "gone") and exists(store, "kept")
     assert count(store, "turns", "gone") == count(store, "events", "gone") == 0
     assert count(store, "requests", "gone") == 0
     store.close()
@@ -119,7 +122,7 @@ async def test_a_running_request_and_its_session_are_never_touched(db: Path) -> 
     report = await sweep(db, RetentionSettings(sessions_days=90, turns_days=30,
                                                request_logs_days=2, max_mb=0))
     store = Store(db)
-    assert sessions.session_exists(store, "busy")
+    assert exists(store, "busy")
     assert sessions.request_state(store, "busy", "running") == ("running", 5)
     assert count(store, "events", "busy") == 5  # only the running request's
     assert report.turns == 1
@@ -221,10 +224,10 @@ async def test_the_sweeper_waits_for_the_llm_to_be_idle(db: Path,
     try:
         for _ in range(300):  # bounded: at most 3 s
             await asyncio.sleep(0.01)
-            if not await async_store.read(lambda s: sessions.session_exists(s, "s")):
+            if not await async_store.read(lambda s: exists(s, "s")):
                 break
         assert polls[:6] == [False] * 5 + [True]  # it swept only once idle
-        assert not await async_store.read(lambda s: sessions.session_exists(s, "s"))
+        assert not await async_store.read(lambda s: exists(s, "s"))
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
