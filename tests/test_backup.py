@@ -239,9 +239,10 @@ def summary(events: list[dict[str, Any]]) -> tuple[list[tuple[str, str]], str, s
 
 async def test_a_backup_under_load_restores_to_a_data_dir_that_answers_the_same(
         data_dir: Path, tmp_path: Path, models_cache: Path) -> None:
-    # Short answers suffice; one client queues several questions at once.
+    # Short answers suffice; one LLM thread (two spin-wait for each other when other work
+    # shares the cores); one client queues several questions at once.
     env = edgekb_env(models_cache, EDGEKB_GENERATION__MAX_TOKENS="48",
-                     EDGEKB_QUEUE__MAX_PER_USER="8")
+                     EDGEKB_GENERATION__THREADS="1", EDGEKB_QUEUE__MAX_PER_USER="8")
     server = start_server(data_dir, env)
     restored_server: Server | None = None
     try:
@@ -252,7 +253,7 @@ async def test_a_backup_under_load_restores_to_a_data_dir_that_answers_the_same(
             await ws.send_json({"type": "ask", "id": "before", "text": QUESTIONS[0]})
             assert (await collect(ws, "before"))[-1]["type"] == "done"
             # Enough work queued that the server is still answering when the backup is done.
-            during = [*QUESTIONS[1:], *QUESTIONS[1:]]
+            during = [*QUESTIONS[1:], QUESTIONS[0]]
             for n, question in enumerate(during):
                 await ws.send_json({"type": "ask", "id": f"during{n}", "text": question})
             started = time.monotonic()

@@ -135,7 +135,8 @@ def test_install_upgrade_uninstall_in_a_booted_debian(box: Box) -> None:
     with urllib.request.urlopen(f"{url}healthz", timeout=30) as reply:
         assert reply.status == 200
     # Short answers keep the test quick; a restart takes the changed settings.
-    box.run(f"printf 'generation:\\n  max_tokens: 32\\n' >> {CONF} && systemctl restart edgekb")
+    box.run(f"printf 'generation:\\n  max_tokens: 32\\n  threads: 1\\n' >> {CONF}"
+            " && systemctl restart edgekb")
     session, events = asyncio.run(_ask(url, DEMO_QUESTION))
     assert events[-1]["type"] == "done" and any(e["type"] in ("sources", "source")
                                                 for e in events)

@@ -92,7 +92,7 @@ def test_the_log_file_is_rotated_by_size(tmp_path: Path) -> None:
 def json_server(tmp_path: Path, models_cache: Path, demo_data_dir: Path):  # type: ignore[no-untyped-def]
     copy = tmp_path / "data"
     subprocess.run(["cp", "-a", str(demo_data_dir), str(copy)], check=True)
-    env = edgekb_env(models_cache, EDGEKB_LOGGING__LEVEL="INFO")
+    env = edgekb_env(models_cache, EDGEKB_LOGGING__LEVEL="INFO", EDGEKB_GENERATION__THREADS="1")
     server = start_server(copy, env, "--log-format", "json", "--set", "generation.max_tokens=24")
     yield server
     server.stop()
