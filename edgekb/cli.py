@@ -219,7 +219,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     finally:
         store.close()
     for number, scored in enumerate(hits, start=1):
-        entry = source_entry(number, scored)
+        entry = source_entry(number, scored, args.query)
         if args.json:
             print(json.dumps({**entry, "kb": scored.hit.kb, "chunk": scored.hit.id,
                               "text": scored.hit.text}, ensure_ascii=False))
@@ -244,6 +244,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from .boards import llm_name
     from .catalog import fetch, file_state
     from .engines import open_catalog
     from .progress import ProgressBar
@@ -252,7 +253,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     catalog = open_catalog(settings)
     cache = settings.models_cache
     if args.models_command == "list":
-        configured = {settings.models.llm, settings.models.embedder}
+        configured = {llm_name(settings), settings.models.embedder}
         for entry in catalog.entries.values():
             states = {file_state(cache, entry, f) for f in entry.files}
             state = "verified" if states == {"verified"} else \
@@ -261,7 +262,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{mark} {entry.name:<18} {entry.kind:<9} {state:<9} {entry.description}")
         print(f"cache: {cache}   (* = configured)")
         return 0
-    names = args.names or [settings.models.llm, settings.models.embedder]
+    names = args.names or [llm_name(settings), settings.models.embedder]
     entries = [catalog.get(name) for name in names]  # every name checked before any download
     with ProgressBar() as bar:
         for entry in entries:

@@ -44,8 +44,11 @@ class ServerSettings:
 class ModelsSettings:
     manifest: str = ""
     cache_dir: str = ""
-    llm: str = "gemma3-270m"
+    llm: str = "auto"
     embedder: str = "minilm-l6-int8"
+    llm_small_board: str = "smollm2-135m"
+    llm_large_board: str = "qwen25-coder-05b"
+    small_board_mb: int = 1536
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ class EmbeddingSettings:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    max_tokens: int = 256
+    max_tokens: int = 160
     temperature: float = 0.0
     seed: int = 0
     threads: int = 0
@@ -188,6 +191,9 @@ _CHECKS: dict[str, _Check] = {
     "generation.state_cache_mb": _between(0, 4096),
     "models.llm": _NON_EMPTY,
     "models.embedder": _NON_EMPTY,
+    "models.llm_small_board": _NON_EMPTY,
+    "models.llm_large_board": _NON_EMPTY,
+    "models.small_board_mb": _at_least(0),
     "retrieval.k": _between(1, 50),
     "chunking.chunk_tokens": _between(32, 512),
     "chunking.overlap_tokens": _at_least(0),

@@ -22,10 +22,11 @@ def turn(n: int, words: int) -> Turn:
     return Turn(n, f"r{n}", f"question number {n}?", " ".join(["answer"] * words), [], "stop", 0.0)
 
 
-@pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
+# The two board defaults (chat templates from the GGUF) and the base model (completion form).
+@pytest.fixture(scope="module",
+                params=["qwen25-coder-05b", "smollm2-135m", "gemma3-270m"])
 def engine(request: pytest.FixtureRequest, models_cache: Path, tmp_path_factory):
-    if request.param != "gemma3-270m":  # the small model for 512 MB boards, chat template
-        fetch(models_cache, Catalog.load(default_manifest_path()).get(request.param))
+    fetch(models_cache, Catalog.load(default_manifest_path()).get(request.param))
     settings = Settings(data_dir=tmp_path_factory.mktemp("p"),
                         models=ModelsSettings(cache_dir=str(models_cache), llm=request.param),
                         generation=GenerationSettings(max_tokens=256))

@@ -39,7 +39,7 @@ def llama_server(models_cache: Path, tmp_path_factory: pytest.TempPathFactory) -
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model",
-             str(models_cache / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"),
+             str(models_cache / "qwen25-coder-05b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--seed", "0"],
             stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}/v1"
@@ -68,10 +68,10 @@ def remote_server(llama_server: str, demo_data_dir: Path, models_cache: Path,
     work = tmp_path_factory.mktemp("remote")
     manifest = work / "models.toml"
     manifest.write_text((REPO / "models.toml").read_text() + f"""
-[models.remote-gemma]
+[models.remote-qwen]
 kind = "llm"
 endpoint = "{llama_server}"
-model = "gemma"
+model = "qwen"
 n_ctx = 2048
 prompt_format = "completion"
 stop = ["\\nQuestion:", "\\n\\n\\n", "\\n\\n["]
@@ -79,7 +79,7 @@ stop = ["\\nQuestion:", "\\n\\n\\n", "\\n\\n["]
     data_dir = work / "data"
     shutil.copytree(demo_data_dir, data_dir, ignore=shutil.ignore_patterns("edgekb.lock"))
     srv = start_server(data_dir, edgekb_env(models_cache), "--set", f"models.manifest={manifest}",
-                       "--set", "models.llm=remote-gemma", "--set", "generation.max_tokens=48")
+                       "--set", "models.llm=remote-qwen", "--set", "generation.max_tokens=48")
     yield srv
     srv.stop()
 

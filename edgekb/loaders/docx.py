@@ -17,7 +17,8 @@ from docx.styles.style import BaseStyle
 from docx.table import Table, _Cell
 
 from ..errors import CorruptDocument, DocumentTooLarge
-from .base import LoadedDocument, Outline, TextBudget, stem_title, table_row
+from .base import (LoadedDocument, Outline, TextBudget, clean_heading, clean_title, is_furniture,
+                   stem_title, table_row)
 
 MAX_UNCOMPRESSED = 200 * 1024 * 1024
 MAX_MEMBERS = 10_000
@@ -129,7 +130,9 @@ def load_docx(path: Path, data: bytes) -> LoadedDocument:
         else:
             if level == 1 and not first_heading:
                 first_heading = " ".join(text.split())
-            outline.heading(level, budget.take(" ".join(text.split())))
+            outline.heading(level, budget.take(clean_heading(text)))
     outline.flush()
-    return LoadedDocument(title or first_heading or stem_title(path), "docx", outline.sections)
+    sections = [s for s in outline.sections if not is_furniture(s)] or outline.sections
+    return LoadedDocument(clean_title(title or first_heading) or stem_title(path), "docx",
+                          sections)
 

@@ -76,7 +76,9 @@ def _metadata_title(reader: PdfReader) -> str:
     except Exception:  # noqa: BLE001 - a damaged info dictionary only loses the title
         return ""
     # Word's PDF export often leaves "Microsoft Word - file.docx" as the title.
-    return "" if title.lower() in _JUNK_TITLES or title.startswith("Microsoft Word - ") else title
+    junk = (title.lower() in _JUNK_TITLES or title.startswith("Microsoft Word - ")
+            or sum(c.isalpha() for c in title) < 3)
+    return "" if junk else title
 
 
 def load_pdf(path: Path, data: bytes) -> LoadedDocument:
