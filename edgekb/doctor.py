@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .boards import llm_name
 from .catalog import file_state
 from .config import Settings
 from .errors import EmbedderMismatch, ModelError
@@ -86,7 +87,7 @@ def check_models(settings: Settings) -> list[Finding]:
                         " empty that setting to use the one shipped with edgekb")]
     findings = []
     cache = settings.models_cache
-    for kind, name in (("llm", settings.models.llm), ("embedder", settings.models.embedder)):
+    for kind, name in (("llm", llm_name(settings)), ("embedder", settings.models.embedder)):
         try:
             entry = catalog.get(name, kind=kind)
         except ModelError as exc:

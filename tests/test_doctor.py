@@ -15,6 +15,7 @@ import pytest
 from conftest import edgekb_env, run_edgekb
 
 from edgekb import doctor
+from edgekb.boards import llm_name
 from edgekb.config import Settings
 from edgekb.doctor import Finding
 
@@ -67,8 +68,9 @@ def test_missing_and_corrupt_models_name_the_fetch_command(data_dir: Path, model
     tokenizer.write_text(tokenizer.read_text().replace("[UNK]", "[UNX]", 1))
     found = of(findings(data_dir, cache), "models", "problem")
     by_model = {f.message.split(":")[0]: f for f in found}
-    assert by_model["gemma3-270m"].fix == "edgekb models fetch gemma3-270m"
-    assert "missing" in by_model["gemma3-270m"].message
+    llm = llm_name(Settings())  # models.llm is auto: the one for this machine's memory
+    assert by_model[llm].fix == f"edgekb models fetch {llm}"
+    assert "missing" in by_model[llm].message
     assert by_model["minilm-l6-int8"].fix == "edgekb models fetch --force minilm-l6-int8"
     assert tokenizer.name in by_model["minilm-l6-int8"].message
 
