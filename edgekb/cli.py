@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, security_cli
 from .errors import EdgekbError
 
 DEMO_DIR = Path(__file__).with_name("demo")
@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--url", default="ws://127.0.0.1:8080/ws")
     ask.add_argument("--json", action="store_true", help="print every event as one JSON line")
+    ask.add_argument("--token", help="a token from `edgekb token issue` (default: $EDGEKB_TOKEN)")
+    ask.add_argument("--cafile", help="CA or self-signed certificate to trust for wss://")
 
     models = sub.add_parser("models", help="list or fetch the models of models.toml")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _common(config_sub.add_parser("check", help="validate settings, report every problem"))
     _common(config_sub.add_parser("show", help="print the effective settings as YAML"))
+    security_cli.add_commands(sub, _common)
     return parser
 
 
@@ -236,8 +239,9 @@ def cmd_ask(args: argparse.Namespace) -> int:
     from .client import AnswerPrinter, ask, json_printer
 
     emit = json_printer(sys.stdout) if args.json else AnswerPrinter(sys.stdout, sys.stderr)
+    token = security_cli.token_from_env(args.token)
     try:
-        return asyncio.run(ask(args.url, args.question, emit))
+        return asyncio.run(ask(args.url, args.question, emit, token=token, cafile=args.cafile))
     except OSError as exc:  # aiohttp's connection errors are OSErrors
         print(f"edgekb ask: cannot reach {args.url}: {exc}", file=sys.stderr)
         return 1
@@ -336,4 +340,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 COMMANDS = {"serve": cmd_serve, "ingest": cmd_ingest, "reindex": cmd_reindex,
             "search": cmd_search, "ask": cmd_ask, "models": cmd_models, "config": cmd_config,
-            "backup": cmd_backup, "restore": cmd_restore, "doctor": cmd_doctor}
+            "backup": cmd_backup, "restore": cmd_restore, "doctor": cmd_doctor,
+            "users": lambda args: security_cli.cmd_users(args, _settings(args)),
+            "token": lambda args: security_cli.cmd_token(args, _settings(args)),
+            "tls": lambda args: security_cli.cmd_tls(args, _settings(args)),
+            "audit": lambda args: security_cli.cmd_audit(args, _settings(args))}

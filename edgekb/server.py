@@ -25,7 +25,11 @@ from .config import Settings
 from .datadir import exclusive
 from .http_errors import AppRunner
 from .sdnotify import Notifier, Watchdog, watchdog_interval_s
+from .security import AUDIT, guarded_site
 from .store import Store
+
+# aiohttp's default keeps an idle keep-alive connection for an hour; nginx's default is 75 s.
+KEEPALIVE_S = 75.0
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +52,15 @@ async def serve(settings: Settings) -> None:
             _announce_steps(app, notifier)
             app.cleanup_ctx.append(_retention_sweeper)
             # Handlers close their sockets within ws.CLOSE_WAIT_S of the shutdown notice.
-            runner = AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
+            runner = AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10,
+                               keepalive_timeout=KEEPALIVE_S)
             await runner.setup()  # runs every cleanup_ctx start-up: models, index, store
             try:
-                site = _site(runner, settings)
+                # Connection caps, TLS and slow-client deadlines live in the site
+                # (connguard.py), on systemd's socket when it passed one.
+                site = guarded_site(runner, settings, app[AUDIT], _systemd_socket())
                 await site.start()
-                host, port = runner.addresses[0][:2]
-                address = f"http://{host}:{port}/"
+                address = f"{site.name}/"
                 # Tests and scripts wait for this line (with the real port when port is 0).
                 print(f"edgekb ready on {address}", flush=True, file=sys.stderr)
                 notifier.ready(f"serving on {address}")
@@ -117,16 +123,16 @@ async def _retention_sweeper(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
-def _site(runner: web.AppRunner, settings: Settings) -> web.BaseSite:
-    """The socket systemd passed (socket activation), else a TCP site of our own."""
-    if os.environ.get("LISTEN_PID") == str(os.getpid()) and \
-            int(os.environ.get("LISTEN_FDS", "0")) >= 1:
-        for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-            os.environ.pop(name, None)
-        sock = socket.socket(fileno=SD_LISTEN_FDS_START)
-        sock.setblocking(False)
-        return web.SockSite(runner, sock)
-    return web.TCPSite(runner, settings.server.host, settings.server.port)
+def _systemd_socket() -> socket.socket | None:
+    """The listening socket systemd passed (socket activation), else None."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()) or \
+            int(os.environ.get("LISTEN_FDS", "0")) < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    sock.setblocking(False)
+    return sock
 
 
 async def _until_signal() -> None:

@@ -19,7 +19,7 @@ from .retrieval import ScoredHit, query_terms, stem, words
 ENTRY_BYTES = 700
 SNIPPET_CHARS = 280
 # Relevance bands on the same scale as the not-covered floor (answer.RELEVANCE_FLOOR).
-BANDS = ((0.8, "high"), (0.6, "medium"), (0.0, "low"))
+BANDS = ((0.8, "high"), (0.6, "medium"), (float("-inf"), "low"))  # cosine may be < 0
 _SENTENCE = re.compile(r"(?<=[.!?])\s+|(?<=[。！？；])|\n+")
 MAX_TITLES = 8
 

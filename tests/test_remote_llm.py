@@ -86,7 +86,7 @@ stop = ["\\nQuestion:", "\\n\\n\\n", "\\n\\n["]
 
 async def test_answer_streams_from_a_remote_openai_compatible_server(
         remote_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=remote_server.headers) as http:
         ws = await http.ws_connect(remote_server.ws_url, protocols=("edgekb.v2",))
         await receive_json(ws)
         await ws.send_json({"type": "ask", "id": "r1", "text": DEMO_QUESTION})
@@ -103,7 +103,9 @@ async def test_answer_streams_from_a_remote_openai_compatible_server(
 
 
 async def test_unreachable_remote_server_is_a_typed_error(
-        remote_server: Server, models_cache: Path, tmp_path: Path) -> None:
+        remote_server: Server, demo_data_dir: Path, models_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
     manifest = tmp_path / "models.toml"
     manifest.write_text((REPO / "models.toml").read_text() + f"""
 [models.nowhere]
@@ -111,13 +113,15 @@ kind = "llm"
 endpoint = "http://127.0.0.1:{free_port()}/v1"
 n_ctx = 2048
 """)
+    # A question the manuals cover, so the answer really needs the LLM.
+    shutil.copytree(demo_data_dir, tmp_path / "data", ignore=shutil.ignore_patterns("edgekb.lock"))
     srv = start_server(tmp_path / "data", edgekb_env(models_cache),
                        "--set", f"models.manifest={manifest}", "--set", "models.llm=nowhere")
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=srv.headers) as http:
             ws = await http.ws_connect(srv.ws_url, protocols=("edgekb.v2",))
             await receive_json(ws)
-            await ws.send_json({"type": "ask", "id": "x", "text": "anything"})
+            await ws.send_json({"type": "ask", "id": "x", "text": DEMO_QUESTION})
             events = await collect(ws, "x")
             await ws.close()
         assert events[-1]["type"] == "error" and events[-1]["code"] == "llm_unavailable"
