@@ -222,7 +222,7 @@ def test_a_database_from_a_newer_edgekb_is_refused_at_start(data_dir: Path,
 async def ask_all(server: Server, questions: list[str]) -> list[list[dict[str, Any]]]:
     """Each question in a new session of its own, one after the other."""
     answers = []
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         for n, question in enumerate(questions):
             async with http.ws_connect(server.ws_url, protocols=("edgekb.v2",)) as ws:
                 await receive_json(ws)
@@ -247,7 +247,7 @@ async def test_a_backup_under_load_restores_to_a_data_dir_that_answers_the_same(
     restored_server: Server | None = None
     try:
         archive = tmp_path / "under-load.tar.gz"
-        async with aiohttp.ClientSession() as http, http.ws_connect(
+        async with aiohttp.ClientSession(headers=server.headers) as http, http.ws_connect(
                 server.ws_url, protocols=("edgekb.v2",)) as ws:
             session = (await receive_json(ws))["session"]
             await ws.send_json({"type": "ask", "id": "before", "text": QUESTIONS[0]})
@@ -278,8 +278,9 @@ async def test_a_backup_under_load_restores_to_a_data_dir_that_answers_the_same(
         assert all(sources and text and finish in ("stop", "length")
                    for sources, text, finish in again)
         # The conversation in progress at backup time is there with its finished turn.
-        async with aiohttp.ClientSession() as http, http.ws_connect(
-                f"{restored_server.ws_url}?session={session}", protocols=("edgekb.v2",)) as ws:
+        async with aiohttp.ClientSession(headers=restored_server.headers) as http, \
+                http.ws_connect(f"{restored_server.ws_url}?session={session}",
+                                protocols=("edgekb.v2",)) as ws:
             welcome = await receive_json(ws)
             assert welcome["resumed"] is True
             await ws.send_json({"type": "history"})

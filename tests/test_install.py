@@ -140,7 +140,11 @@ def test_install_upgrade_uninstall_in_a_booted_debian(box: Box) -> None:
     # Short answers keep the test quick; a restart takes the changed settings.
     box.run(f"printf 'generation:\\n  max_tokens: 32\\n  threads: 1\\n' >> {CONF}"
             " && systemctl restart edgekb")
-    session, events = asyncio.run(_ask(url, DEMO_QUESTION))
+    # Sign-in is on in the installed service: a token as an operator issues one on the box.
+    token = box.run(f"runuser -u edgekb -- {EDGEKB} token issue --sub install-test "
+                    f"--role admin --config {CONF}").stdout.strip()
+    auth = {"Authorization": f"Bearer {token}"}
+    session, events = asyncio.run(_ask(url, auth, DEMO_QUESTION))
     assert events[-1]["type"] == "done" and any(e["type"] in ("sources", "source")
                                                 for e in events)
 
@@ -186,9 +190,10 @@ def test_install_upgrade_uninstall_in_a_booted_debian(box: Box) -> None:
         "cat /opt/edgekb/venv/lib/python3*/site-packages/edgekb/__init__.py").stdout
     assert "upgraded and running" in out and "kept the existing" in out, out
     assert "max_mb: 128" in box.run(f"cat {CONF}").stdout
-    history = asyncio.run(_history(url, session))
+    history = asyncio.run(_history(url, auth, session))
     assert [t["question"] for t in history] == [DEMO_QUESTION]
-    kbs = json.loads(urllib.request.urlopen(f"{url}api/kbs", timeout=30).read())["kbs"]
+    kbs = json.loads(urllib.request.urlopen(urllib.request.Request(
+        f"{url}api/kbs", headers=auth), timeout=30).read())["kbs"]
     assert kbs and kbs[0]["documents"] >= 4
 
     # Uninstall keeps the data; --purge removes it.
@@ -203,16 +208,16 @@ def test_install_upgrade_uninstall_in_a_booted_debian(box: Box) -> None:
     print(f"install {first_s:.0f} s, upgrade {upgrade_s:.0f} s")
 
 
-async def _ask(url: str, question: str) -> tuple[str, list[dict]]:
-    async with aiohttp.ClientSession() as http, http.ws_connect(
+async def _ask(url: str, auth: dict[str, str], question: str) -> tuple[str, list[dict]]:
+    async with aiohttp.ClientSession(headers=auth) as http, http.ws_connect(
             f"{url}ws", protocols=("edgekb.v2",)) as ws:
         welcome = await receive_json(ws)
         await ws.send_json({"type": "ask", "id": "q1", "text": question})
         return welcome["session"], await collect(ws, "q1")
 
 
-async def _history(url: str, session: str) -> list[dict]:
-    async with aiohttp.ClientSession() as http, http.ws_connect(
+async def _history(url: str, auth: dict[str, str], session: str) -> list[dict]:
+    async with aiohttp.ClientSession(headers=auth) as http, http.ws_connect(
             f"{url}ws?session={session}", protocols=("edgekb.v2",)) as ws:
         await receive_json(ws)
         await ws.send_json({"type": "history"})

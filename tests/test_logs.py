@@ -100,7 +100,7 @@ def json_server(tmp_path: Path, models_cache: Path, demo_data_dir: Path):  # typ
 
 async def test_a_real_server_logs_json_lines_with_connection_and_request_ids(
         json_server) -> None:  # type: ignore[no-untyped-def]
-    async with aiohttp.ClientSession() as http, http.ws_connect(
+    async with aiohttp.ClientSession(headers=json_server.headers) as http, http.ws_connect(
             json_server.ws_url, protocols=("edgekb.v2",)) as ws:
         welcome = await receive_json(ws)
         await ws.send_json({"type": "ask", "id": "q1", "text": DEMO_QUESTION})

@@ -110,7 +110,7 @@ def test_the_real_server_reports_start_up_then_ready_and_pings_until_its_loop_st
         match = READY.search(log.read_text())
         assert match, "READY=1 came before the server said it was ready"
         # Ready means answering: the HTTP side is up at that moment.
-        with urllib.request.urlopen(f"http://127.0.0.1:{match[2]}/healthz", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{match[3]}/healthz", timeout=10) as r:
             assert r.status == 200
         statuses = [m.fields["STATUS"] for m in sock.messages if "STATUS" in m]
         loading = [s for s in statuses if "loading" in s]

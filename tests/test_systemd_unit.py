@@ -102,7 +102,7 @@ def test_socket_activation_serves_on_the_socket_systemd_passes(
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=180) as reply:
             assert reply.status == 200
         match = READY.search(log.read_text())
-        assert match and int(match[2]) == port, log.read_text()
+        assert match and int(match[3]) == port, log.read_text()
     finally:
         activator.terminate()
         try:
