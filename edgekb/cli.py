@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,12 +20,18 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="where the database, index and models live")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set retrieval.k=6")
+    # Also after the command; SUPPRESS keeps a value given before it.
+    parser.add_argument("--log-level", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    parser.add_argument("--log-format", choices=("human", "json"), default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgekb", description=__doc__)
     parser.add_argument("--version", action="version", version=f"edgekb {__version__}")
-    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default: logging.level)")
+    parser.add_argument("--log-format", choices=("human", "json"),
+                        help="one line per event, for people or as JSON (default: logging.format)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the appliance")
@@ -69,6 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("names", nargs="*", help="default: the configured LLM and embedder")
     fetch.add_argument("--force", action="store_true", help="fetch again even if verified")
 
+    backup = sub.add_parser("backup", help="write a consistent archive of the data dir (also"
+                            " while the server runs)")
+    _common(backup)
+    backup.add_argument("file", type=Path, help="the archive to write (.tar, or .tar.gz)")
+
+    restore = sub.add_parser("restore", help="restore an archive into an empty data dir")
+    _common(restore)
+    restore.add_argument("file", type=Path, help="an archive written by edgekb backup")
+
+    doctor = sub.add_parser("doctor", help="check settings, models, database, index, disk,"
+                            " clock and permissions; say what to fix")
+    _common(doctor)
+    doctor.add_argument("--json", action="store_true", help="one JSON object per finding")
+
     config = sub.add_parser("config", help="check or show the effective settings")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _common(config_sub.add_parser("check", help="validate settings, report every problem"))
@@ -84,13 +103,26 @@ def _settings(args: argparse.Namespace) -> Any:
     overrides["data_dir"] = args.data_dir
     overrides["server.host"] = getattr(args, "host", None)
     overrides["server.port"] = getattr(args, "port", None)
-    return load_settings(args.config, overrides=overrides)
+    overrides["logging.level"] = args.log_level
+    overrides["logging.format"] = args.log_format
+    settings = load_settings(args.config, overrides=overrides)
+    _setup_logging(settings)
+    return settings
+
+
+def _setup_logging(settings: Any) -> None:
+    from .logs import setup
+
+    log = settings.logging
+    setup(log.level, log.format, settings.log_file, log.file_max_mb, log.file_backups)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .logs import setup
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Until the settings are read (and for commands without settings): flags or defaults.
+    setup(args.log_level or "WARNING", args.log_format or "human")
     try:
         return COMMANDS[args.command](args)
     except EdgekbError as exc:
@@ -108,6 +140,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
+    from .backup import before_migrating
     from .datadir import exclusive
     from .engines import load_embedder, make_ingestor, open_catalog, open_library
     from .store import Store, check_kb_name
@@ -119,6 +152,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     check_kb_name(args.kb)
     with exclusive(settings.data_dir, "edgekb ingest"):
+        before_migrating(settings, settings.storage.min_free_mb)
         embedder = load_embedder(settings, open_catalog(settings))
         store = Store(settings.db_path)
         try:
@@ -143,12 +177,14 @@ def _print_file_result(result: Any) -> None:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
+    from .backup import before_migrating
     from .datadir import exclusive
     from .engines import load_embedder, make_ingestor, open_catalog, open_library
     from .store import Store, check_kb_name
 
     settings = _settings(args)
     with exclusive(settings.data_dir, "edgekb reindex"):
+        before_migrating(settings, settings.storage.min_free_mb)
         embedder = load_embedder(settings, open_catalog(settings))
         store = Store(settings.db_path)
         try:
@@ -240,6 +276,57 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_backup(args: argparse.Namespace) -> int:
+    from .backup import create_backup
+
+    settings = _settings(args)
+    report = create_backup(settings, args.file, settings.storage.min_free_mb)
+    counts = ", ".join(f"{n} {table}" for table, n in report.counts.items())
+    print(f"backup written: {report.path} ({report.size / 1e6:.1f} MB, database schema"
+          f" {report.schema_version}: {counts}; {report.files} files;"
+          f" {report.seconds:.1f} s)", file=sys.stderr)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .backup import restore_backup
+
+    settings = _settings(args)
+    report = restore_backup(settings, args.file, settings.storage.min_free_mb)
+    counts = ", ".join(f"{n} {table}" for table, n in report.counts.items())
+    indexes = ", ".join(f"{kb}: {n} vectors" for kb, n in report.indexes.items()) or "none"
+    print(f"restored into {report.data_dir}: database schema {report.schema_version}"
+          f" ({counts}), {report.files} files; indexes rebuilt ({indexes})", file=sys.stderr)
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import json
+
+    from .doctor import examine, ok, problem
+    from .errors import ConfigError
+
+    try:
+        settings = _settings(args)
+    except ConfigError as exc:
+        findings = [problem("config", exc.message, "edgekb config check shows each problem;"
+                            " fix them in the config file or the EDGEKB_* variables")]
+    else:
+        findings = [ok("config", "settings are valid"), *examine(settings)]
+    for finding in findings:
+        if args.json:
+            print(json.dumps(finding.to_json(), ensure_ascii=False))
+            continue
+        label = {"ok": "ok", "warning": "warning", "problem": "PROBLEM"}[finding.level]
+        print(f"{label:<8} {finding.check:<12} {finding.message}")
+        if finding.fix:
+            print(f"{'':<21} fix: {finding.fix}")
+    problems = sum(f.level == "problem" for f in findings)
+    warnings = sum(f.level == "warning" for f in findings)
+    print(f"edgekb doctor: {problems} problem(s), {warnings} warning(s)", file=sys.stderr)
+    return 1 if problems else 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from .config import settings_to_yaml
 
@@ -253,6 +340,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 COMMANDS = {"serve": cmd_serve, "ingest": cmd_ingest, "reindex": cmd_reindex,
             "search": cmd_search, "ask": cmd_ask, "models": cmd_models, "config": cmd_config,
+            "backup": cmd_backup, "restore": cmd_restore, "doctor": cmd_doctor,
             "users": lambda args: security_cli.cmd_users(args, _settings(args)),
             "token": lambda args: security_cli.cmd_token(args, _settings(args)),
             "tls": lambda args: security_cli.cmd_tls(args, _settings(args)),

@@ -21,6 +21,8 @@ from typing import Any, get_type_hints
 import yaml
 
 from edgekb.errors import ConfigError
+from edgekb.logs import FORMATS as LOG_FORMATS
+from edgekb.logs import LEVELS as LOG_LEVELS
 
 DEFAULT_CONFIG_FILE = Path(__file__).with_name("default_config.yaml")
 ENV_PREFIX = "EDGEKB_"
@@ -102,6 +104,24 @@ class GenerationSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    sessions_days: float = 90.0
+    turns_days: float = 30.0
+    request_logs_days: float = 2.0
+    max_mb: float = 256.0
+    sweep_interval_s: float = 300.0
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "WARNING"
+    format: str = "human"
+    file: str = ""
+    file_max_mb: int = 10
+    file_backups: int = 3
+
+
+@dataclass(frozen=True)
 class AuthSettings:
     enabled: bool = True
     algorithms: str = "HS256"
@@ -155,6 +175,8 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     limits: LimitsSettings = field(default_factory=LimitsSettings)
     tls: TlsSettings = field(default_factory=TlsSettings)
@@ -176,6 +198,10 @@ class Settings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "edgekb.db"
+
+    @property
+    def log_file(self) -> Path | None:
+        return _absolute(self.logging.file) if self.logging.file else None
 
     @property
     def docs_dir(self) -> Path:
@@ -276,6 +302,15 @@ _CHECKS: dict[str, _Check] = {
     "generation.temperature": _between(0, 2),
     "generation.threads": _at_least(0),
     "generation.n_batch": _at_least(1),
+    "retention.sessions_days": _at_least(0),
+    "retention.turns_days": _at_least(0),
+    "retention.request_logs_days": _at_least(0),
+    "retention.max_mb": _at_least(0),
+    "retention.sweep_interval_s": _between(1, 86400),
+    "logging.level": ((lambda v: v.upper() in LOG_LEVELS), f"be one of {', '.join(LOG_LEVELS)}"),
+    "logging.format": ((lambda v: v in LOG_FORMATS), f"be one of {', '.join(LOG_FORMATS)}"),
+    "logging.file_max_mb": _between(1, 1024),
+    "logging.file_backups": _between(0, 100),
 }
 # Rules between two keys of the merged result: key must be less than the other key.
 _LESS_THAN: dict[str, str] = {"chunking.overlap_tokens": "chunking.chunk_tokens"}
@@ -424,7 +459,10 @@ def _apply_env(env: Mapping[str, str], layer: _Layer) -> None:
         if name in by_name:
             layer.set(by_name[name], env[name], name)
             continue
-        hint = _suggest(name, sorted(by_name))
+        # Compared without the prefix they all share, which would make any two names alike.
+        bare = {key[len(ENV_PREFIX):]: key for key in by_name}
+        close = difflib.get_close_matches(name[len(ENV_PREFIX):], sorted(bare), n=1)
+        hint = f" (did you mean {bare[close[0]]!r}?)" if close else ""
         if hint or "__" in name:  # others (EDGEKB_FOO) may belong to tools, not to settings
             layer.problems.append(f"{name}: unknown setting variable{hint}")
 

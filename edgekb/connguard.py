@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import ssl
 from collections.abc import Callable
 from typing import Any
@@ -233,12 +234,12 @@ class GuardedProtocol(asyncio.Protocol):
 class GuardedSite(web.BaseSite):
     """A TCP site whose connections all pass through a ConnectionGuard."""
 
-    __slots__ = ("_bound", "_guard", "_host", "_port")
+    __slots__ = ("_bound", "_guard", "_host", "_port", "_sock")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int,
-                 guard: ConnectionGuard) -> None:
+                 guard: ConnectionGuard, sock: socket.socket | None = None) -> None:
         super().__init__(runner, backlog=LISTEN_BACKLOG)
-        self._host, self._port, self._guard = host, port, guard
+        self._host, self._port, self._guard, self._sock = host, port, guard, sock
         self._bound: tuple[str, int] | None = None
 
     @property
@@ -257,8 +258,12 @@ class GuardedSite(web.BaseSite):
         assert server is not None
         loop = asyncio.get_running_loop()
         # TLS is not given to create_server: the guard starts it once the connection counts.
-        self._server = await loop.create_server(self._guard.factory(server), self._host,
-                                                self._port, backlog=self._backlog)
+        if self._sock is not None:  # systemd's socket (socket activation), already bound
+            self._server = await loop.create_server(self._guard.factory(server),
+                                                    sock=self._sock, backlog=self._backlog)
+        else:
+            self._server = await loop.create_server(self._guard.factory(server), self._host,
+                                                    self._port, backlog=self._backlog)
         sockets = self._server.sockets
         if sockets:
             name = sockets[0].getsockname()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import events, sessions
+from . import events, logs, sessions
 from .answer import AnswerEnd, AnswerOptions, Answers
 from .audit import AuditLog
 from .errors import Busy, DiskFull, EdgekbError, Interrupted, ProtocolError, StorageError
@@ -148,8 +148,13 @@ class Conversations:
             self.queue.withdraw(ticket)
             raise _id_reuse(request_id)
         self.live[key] = run
-        run.saver = asyncio.create_task(self._writer.run(run))
-        run.task = asyncio.create_task(self._produce(run, ticket))
+        # Both tasks inherit the request id: it is on every log line they write.
+        token = logs.request_id.set(f"{session_id}/{request_id}")
+        try:
+            run.saver = asyncio.create_task(self._writer.run(run))
+            run.task = asyncio.create_task(self._produce(run, ticket))
+        finally:
+            logs.request_id.reset(token)
         self._unfollowed(run)  # cancelled unless someone follows it
 
     async def cancel(self, session_id: str, request_id: str, *, user: str = "",
@@ -317,6 +322,7 @@ class Conversations:
             await asyncio.shield(run.saver)  # the log is written to its end even at shutdown
 
     def _ended(self, run: RequestRun, ending: Ending) -> None:
+        log.info("request %s (%s) after %d events", ending.state, ending.finish, len(run.frames))
         asyncio.get_running_loop().call_later(
             self.linger_s, self.live.pop, (run.session_id, run.id), None)
         if ending.state == "done" and not self.closing:

@@ -34,14 +34,19 @@ def open_catalog(settings: Settings) -> Catalog:
     return Catalog.load(settings.manifest_path or default_manifest_path())
 
 
+def embedder_identity(entry: ModelEntry) -> str:
+    """What an index records of the model its vectors come from: its name and file hash."""
+    model = next(f for f in entry.files if f.role == "model")
+    return f"{entry.name} (sha256 {model.sha256[:16]})"
+
+
 def load_embedder(settings: Settings, catalog: Catalog) -> Embedder:
     entry = catalog.get(settings.models.embedder, kind="embedder")
     paths = verify(settings.models_cache, entry)
-    model = next(f for f in entry.files if f.role == "model")
     return Embedder(paths["model"], paths["tokenizer"], dim=int(entry.settings["dim"]),
                     max_tokens=int(entry.settings.get("max_tokens", 256)),
                     threads=settings.embedding.threads, batch_size=settings.embedding.batch_size,
-                    identity=f"{entry.name} (sha256 {model.sha256[:16]})")
+                    identity=embedder_identity(entry))
 
 
 def open_library(settings: Settings, embedder: Embedder) -> Library:

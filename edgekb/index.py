@@ -184,13 +184,26 @@ class VectorIndex:
                 f"embedder is {self.embedder}; run `edgekb reindex --kb {self.kb}` to embed "
                 "it again, or configure the old embedder")
 
-    def _try_load(self, store: Store, stored_ids: list[int], expected_ids: str) -> str | None:
+    def mismatch(self, store: Store) -> str | None:
+        """Why the saved file would not be loaded; None when it matches SQLite exactly.
+        Vectors of another embedder raise EmbedderMismatch, as loading does."""
+        self._check_embedder(store)
+        stored_ids = store.chunk_ids(self.kb)
+        return self._mismatch(store, stored_ids, ids_digest(stored_ids))
+
+    def _mismatch(self, store: Store, stored_ids: list[int], expected_ids: str) -> str | None:
         if not self.path.exists():
             return "no index file" if stored_ids else None
         if store.meta(self._meta_file) != file_sha256(self.path):
             return "index file checksum does not match"
         if store.meta(self._meta_ids) != expected_ids:
             return "index holds other chunks than SQLite"
+        return None
+
+    def _try_load(self, store: Store, stored_ids: list[int], expected_ids: str) -> str | None:
+        reason = self._mismatch(store, stored_ids, expected_ids)
+        if reason is not None or not self.path.exists():
+            return reason
         index = hnswlib.Index(space="cosine", dim=self.dim)
         index.load_index(str(self.path), allow_replace_deleted=True)
         index.set_ef(EF_SEARCH)

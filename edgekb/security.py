@@ -88,8 +88,10 @@ async def security_context(app: web.Application) -> AsyncIterator[None]:
     audit.close()
 
 
-def guarded_site(runner: web.BaseRunner, settings: Settings, audit: AuditLog) -> GuardedSite:
-    """The listening site: connection caps below the descriptor limit, TLS, slow clients."""
+def guarded_site(runner: web.BaseRunner, settings: Settings, audit: AuditLog,
+                 sock: socket.socket | None = None) -> GuardedSite:
+    """The listening site: connection caps below the descriptor limit, TLS, slow clients;
+    on ``sock`` when given (systemd's, already bound), else on server.host and port."""
     fd_limit = raise_fd_limit()
     ceiling = connection_ceiling(settings.limits.connections_total, fd_limit, open_fds())
     if ceiling < settings.limits.connections_total:
@@ -103,4 +105,4 @@ def guarded_site(runner: web.BaseRunner, settings: Settings, audit: AuditLog) ->
         header_timeout_s=limits.header_timeout_s, body_timeout_s=limits.body_timeout_s,
         body_min_bytes_s=limits.body_min_bytes_s,
         ssl_context=server_context(settings.tls.certificate, settings.tls.private_key))
-    return GuardedSite(runner, settings.server.host, settings.server.port, guard)
+    return GuardedSite(runner, settings.server.host, settings.server.port, guard, sock)

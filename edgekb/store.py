@@ -96,10 +96,20 @@ class Store:
     ``ready`` and the old one ``retired``, whose rows are then deleted in small transactions.
     Only ``ready`` documents exist for readers; start-up purges what a crash left behind."""
 
-    def __init__(self, path: Path, read_only: bool = False) -> None:
-        self.conn = connect(path)
+    def __init__(self, path: Path, read_only: bool = False,
+                 conn: sqlite3.Connection | None = None) -> None:
+        self.conn = conn if conn is not None else connect(path)
         if read_only:  # a reader beside the one writer: a write through it is a bug
             self.conn.execute("PRAGMA query_only=ON")
+
+    @classmethod
+    def inspect(cls, path: Path) -> Store:
+        """The database as found: opened read-only and never migrated (``edgekb doctor``
+        checks the schema it finds, beside a running server)."""
+        conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True,
+                               check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=10000")
+        return cls(path, conn=conn)
 
     def close(self) -> None:
         self.conn.close()

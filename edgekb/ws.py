@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import __version__, events, keys
+from . import __version__, events, keys, logs
 from .access import ACCESS, CLIENT_ADDRESS, CLOSE_CODE, PRINCIPAL
 from .conversations import Conversations, Opened
 from .errors import EdgekbError
@@ -266,6 +266,8 @@ def _reset(transport: asyncio.Transport) -> None:
 
 
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
+    # Every log line of this connection's tasks carries its id (the task ends with the socket).
+    logs.connection_id.set(logs.new_connection_id())
     app = request.app
     settings = app[keys.SETTINGS]
     user = request[PRINCIPAL].sub  # the access middleware admitted this request
@@ -278,6 +280,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     # A plain set, not a WeakSet: a closed connection leaves at once (its reference cycles would
     # keep it in a WeakSet until the garbage collector runs, pinged and counted meanwhile).
     app[keys.CONNECTIONS].add(conn)
+    log.info("connection from %s, session %s", request.remote, opened.session)
     tasks = [asyncio.create_task(conn.write_loop()), asyncio.create_task(_read(conn))]
     try:
         await conn.welcome(opened)
