@@ -1,7 +1,8 @@
 """The answer pipeline: retrieve -> prompt -> generate, as a stream of protocol events.
 
 Events here carry no request id or seq: the transport's request stream numbers them.
-Deltas are coalesced: every token produced within one flush interval goes out in one event.
+Deltas come coalesced from the LLM engine: every token produced within one flush interval
+arrives as one Piece and goes out as one event.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ class AnswerOptions:
     k: int
     max_tokens: int
     temperature: float
-    flush_interval_s: float
     kbs: tuple[str, ...] | None = None   # None: every knowledge base
 
 
@@ -94,35 +94,23 @@ class AnswerEngine:
         generation = GenerationRequest(prompt.text, options.max_tokens, options.temperature,
                                        prompt.stop, cancel, cache_key)
         text: list[str] = []
-        pending: list[str] = []
         first_token_at: float | None = None
-        last_flush = 0.0
+        # Each Piece is already coalesced (one per flush interval, by the engine): one delta.
         async for item in self.llm.stream(generation):
             if isinstance(item, Reading):
                 if item.total and item.done < item.total:
                     yield {"type": "status", "stage": "reading",
                            "progress": round(item.done / item.total, 3)}
             elif isinstance(item, Piece):
-                if not text and not pending:  # an answer starts at its first visible character
-                    item = Piece(item.text.lstrip())
-                    if not item.text:
-                        continue
-                now = time.perf_counter()
+                chunk = item.text if text else item.text.lstrip()  # starts at visible text
+                if not chunk:
+                    continue
                 if first_token_at is None:
-                    first_token_at = now
+                    first_token_at = time.perf_counter()
                     yield {"type": "status", "stage": "generating"}
-                pending.append(item.text)
-                if now - last_flush >= options.flush_interval_s:
-                    chunk = "".join(pending)
-                    pending.clear()
-                    text.append(chunk)
-                    last_flush = now
-                    yield {"type": "delta", "text": chunk}
+                text.append(chunk)
+                yield {"type": "delta", "text": chunk}
             elif isinstance(item, Finished):
-                if pending:
-                    chunk = "".join(pending)
-                    text.append(chunk)
-                    yield {"type": "delta", "text": chunk}
                 yield self._done(item, "".join(text), started, retrieval_ms, first_token_at)
 
     async def prefill(self, history: Sequence[Turn], cache_key: str,

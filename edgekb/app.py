@@ -112,9 +112,10 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
         log.warning("%d answers were cut off by the last shutdown; they end with an error",
                     interrupted)
     options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
-                            temperature=settings.generation.temperature,
-                            flush_interval_s=settings.server.flush_interval_ms / 1000)
-    queue = FairQueue(settings.queue.max_waiting, settings.queue.max_per_user)
+                            temperature=settings.generation.temperature)
+    # As many answers at once as the LLM decodes together.
+    queue = FairQueue(settings.queue.max_waiting, settings.queue.max_per_user,
+                      slots=settings.generation.slots)
     conversations = Conversations(store, app[keys.ANSWERS], queue, options,
                                   grace_s=settings.sessions.grace_s)
     app[keys.CONVERSATIONS] = conversations

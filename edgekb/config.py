@@ -87,6 +87,7 @@ class GenerationSettings:
     threads: int = 0
     n_batch: int = 128
     state_cache_mb: int = 64
+    slots: int = 4
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,7 @@ _CHECKS: dict[str, _Check] = {
     "generation.temperature": _between(0, 2),
     "generation.threads": _at_least(0),
     "generation.n_batch": _at_least(1),
+    "generation.slots": _between(1, 16),
 }
 # Rules between two keys of the merged result: key must be less than the other key.
 _LESS_THAN: dict[str, str] = {"chunking.overlap_tokens": "chunking.chunk_tokens"}

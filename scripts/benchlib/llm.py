@@ -174,8 +174,7 @@ async def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, .
                           prompt_builder(settings, raw, raw.entry),  # type: ignore[arg-type]
                           capture)  # type: ignore[arg-type]
     options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
-                            temperature=settings.generation.temperature,
-                            flush_interval_s=settings.server.flush_interval_ms / 1000)
+                            temperature=settings.generation.temperature)
 
     async def retrieval_ms(question: str) -> float:
         done: dict[str, Any] = {}
