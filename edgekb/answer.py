@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -72,6 +73,12 @@ class AnswerEngine:
         self.searcher = searcher
         self.prompts = prompts
         self.llm = llm
+        # Questions are embedded here, one at a time (onnxruntime uses both cores itself), so
+        # an embedding waiting for its turn on the cores (cpugate.py) holds no SQLite reader.
+        self._embedding = ThreadPoolExecutor(1, thread_name_prefix="embed")
+
+    def close(self) -> None:
+        self._embedding.shutdown(wait=True, cancel_futures=True)
 
     async def answer(self, question: str, options: AnswerOptions, cancel: threading.Event,
                      history: Sequence[Turn] = (), cache_key: str | None = None
@@ -82,10 +89,13 @@ class AnswerEngine:
         """
         started = time.perf_counter()
         yield {"type": "status", "stage": "retrieving"}
-        hits = merge_neighbours(await self.store.read(
-            lambda db: self.searcher.search(db, question, options.k, options.kbs)))
-        retrieval_ms = (time.perf_counter() - started) * 1000
         loop = asyncio.get_running_loop()
+        vector = await loop.run_in_executor(self._embedding, self.searcher.embedder.embed,
+                                            question)
+        hits = merge_neighbours(await self.store.read(
+            lambda db: self.searcher.search(db, question, options.k, options.kbs,
+                                            vector=vector)))
+        retrieval_ms = (time.perf_counter() - started) * 1000
         # Token counting runs llama's tokenizer: keep it off the loop.
         prompt = await loop.run_in_executor(
             None, self.prompts.build, question, [s.hit for s in hits], history)

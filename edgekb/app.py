@@ -19,6 +19,7 @@ from .answer import AnswerEngine, AnswerOptions
 from .api import error_middleware, setup_api
 from .config import Settings
 from .conversations import Conversations
+from .cpugate import CpuGate
 from .engines import (
     load_embedder,
     load_llm,
@@ -28,6 +29,7 @@ from .engines import (
     prompt_builder,
 )
 from .ingest_service import IngestService
+from .llm import LlmEngine
 from .llm_remote import RemoteLlm
 from .notices import broadcast
 from .retrieval import Searcher
@@ -96,8 +98,14 @@ async def _llm(app: web.Application) -> AsyncIterator[None]:
     app[keys.LLM] = llm
     builder = await _in_thread(prompt_builder, settings, llm, entry)
     searcher = Searcher(app[keys.EMBEDDER], app[keys.LIBRARY])
-    app[keys.ANSWERS] = AnswerEngine(app[keys.STORE], searcher, builder, llm)
+    if isinstance(llm, LlmEngine):  # decode steps and embedding runs take turns on the cores
+        gate = CpuGate()
+        llm.set_step_gate(gate.decode_step)
+        app[keys.EMBEDDER].gate = gate.embedding
+    answers = AnswerEngine(app[keys.STORE], searcher, builder, llm)
+    app[keys.ANSWERS] = answers
     yield
+    await _in_thread(answers.close)
     if isinstance(llm, RemoteLlm):
         await llm.aclose()
     else:

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .decoder import Decoder, Job, Outbox
+from .decoder import Decoder, Job, Outbox, StepGate
 from .errors import ModelError
 from .llamacpp import Context, ContextShape, Model, Sampling
 from .llm_types import Finished, LlmEvent, Piece, Reading, StopScanner
@@ -101,6 +101,10 @@ class LlmEngine:
         self.decoder = Decoder(self.model, self.context, block=REUSE_BLOCK,
                                flush_interval_s=flush_interval_s,
                                save_state=self._save_state, load_state=self._load_state)
+
+    def set_step_gate(self, gate: StepGate) -> None:
+        """Every llama_decode call runs inside ``gate()`` (cpugate.CpuGate.decode_step)."""
+        self.decoder.step_gate = gate
 
     def close(self) -> None:
         self.decoder.close()

@@ -112,11 +112,14 @@ class Searcher:
         self.library = library
 
     def search(self, store: Store, query: str, k: int, kbs: Sequence[str] | None = None,
-               mode: str = "hybrid") -> list[ScoredHit]:
+               mode: str = "hybrid", vector: np.ndarray | None = None) -> list[ScoredHit]:
+        """``vector``: the query's embedding when the caller computed it (the server embeds
+        on its own executor, so SQLite reads never wait behind an embedding)."""
         known = self.library.kbs()
         # Only existing knowledge bases: a name from a client never creates an index.
         kbs = [kb for kb in kbs if kb in known] if kbs is not None else known
-        vector = self.embedder.embed(query)
+        if vector is None:
+            vector = self.embedder.embed(query)
         candidates: dict[int, float] = {}
         keyword_scores: dict[int, float] = {}
         trigram_scores: dict[int, float] = {}  # relative to the best match of its kb

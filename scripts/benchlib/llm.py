@@ -193,6 +193,7 @@ async def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, .
                                        request.stop, median(times)))
         return prompts
     finally:
+        engine.close()
         store.close()
 
 
