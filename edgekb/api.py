@@ -1,9 +1,10 @@
 """HTTP API for knowledge bases and their documents (the web page and scripts use it).
 
-Uploads stream to disk under a size cap, are kept in <data_dir>/docs/<kb>/ (written to a
-temporary name, fsynced, renamed), then ingested on the ingest thread; the response is NDJSON,
-one line per file as it finishes, so a long ingest reports progress while it runs.
-Every error has one body: {"error": {"code", "message"}}.
+Uploads stream to disk under a size cap into temporary files in <data_dir>/docs/<kb>/ (fsynced);
+each is ingested on the ingest thread and takes the place of the stored file only once it
+ingested, so a broken re-upload harms nothing; a failed part of a multi-part upload leaves no
+file behind. The response is NDJSON, one line per file as it finishes, so a long ingest reports
+progress while it runs. Errors: see errors_http.py (one body everywhere).
 """
 
 from __future__ import annotations
@@ -12,49 +13,45 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Callable
+import secrets
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from . import keys
-from .errors import DocumentTooLarge, EdgekbError
-from .ingest import FileResult, Ingestor
+from . import events, keys
+from .errors import DocumentTooLarge, EdgekbError, NotFound, Unavailable
+from .ingest import FileResult, Ingestor, IngestReport
+from .ingest_service import IngestService
 from .notices import broadcast
 from .store import Store, check_kb_name
 
 UPLOAD_BLOCK = 256 * 1024
-_SAFE_NAME = re.compile(r"^[\w][\w .\-()]{0,200}$")
-
-
-class NotFound(EdgekbError):
-    code = "not_found"
+# A file name we keep as it is: letters (any script), digits, space and . _ - ( ); no NUL,
+# no path separator, no leading dot (hidden files are skipped by folder sync).
+_SAFE_NAME = re.compile(r"[\w][\w .\-()]{0,200}")
 
 
 class BadUpload(EdgekbError):
     code = "bad_upload"
 
 
-STATUS_BY_CODE = {"not_found": 404, "too_large": 413, "invalid_kb": 400, "bad_upload": 400}
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except EdgekbError as exc:
-        return web.json_response({"error": exc.to_wire()},
-                                 status=STATUS_BY_CODE.get(exc.code, 400))
-
-
 def setup_api(app: web.Application) -> None:
     app.router.add_get("/api/kbs", list_kbs)
     app.router.add_get("/api/kbs/{kb}/documents", list_documents)
     app.router.add_post("/api/kbs/{kb}/documents", upload_documents)
-    app.router.add_delete("/api/kbs/{kb}/documents/{doc_id:\\d+}", delete_document)
+    app.router.add_delete("/api/kbs/{kb}/documents/{doc_id:\\d{1,30}}", delete_document)
     app.router.add_post("/api/kbs/{kb}/reindex", reindex)
+
+
+def _ingest_service(request: web.Request) -> IngestService:
+    service = request.app.get(keys.INGEST)
+    if service is None:
+        raise Unavailable("documents cannot be changed on this server (no embedder loaded)")
+    return service
 
 
 async def list_kbs(request: web.Request) -> web.Response:
@@ -67,6 +64,8 @@ async def list_kbs(request: web.Request) -> web.Response:
 async def list_documents(request: web.Request) -> web.Response:
     kb = check_kb_name(request.match_info["kb"])
     docs = await request.app[keys.STORE].read(lambda s: s.documents(kb))
+    if not docs:
+        raise NotFound(f"no knowledge base {kb!r}")
     return web.json_response({"kb": kb, "documents": [
         {"id": d.id, "name": Path(d.path).name, "path": d.path, "title": d.title,
          "chunks": d.chunk_count, "sha256": d.sha256, "status": "indexed"} for d in docs]})
@@ -75,23 +74,45 @@ async def list_documents(request: web.Request) -> web.Response:
 async def upload_documents(request: web.Request) -> web.StreamResponse:
     kb = check_kb_name(request.match_info["kb"])
     settings = request.app[keys.SETTINGS]
-    cap = settings.ingest.max_file_mb * 1024 * 1024
-    folder = settings.docs_dir / kb
+    service = _ingest_service(request)
     if not request.content_type.startswith("multipart/"):
         raise BadUpload("send the files as multipart/form-data")
-    saved = [path async for path in _receive_files(await request.multipart(), folder, cap)]
-    if not saved:
+    folder = settings.docs_dir / kb
+    received: list[tuple[Path, Path]] = []
+    try:
+        async for pair in _receive_files(request, folder, settings.ingest.max_file_mb * 2**20):
+            received.append(pair)
+    except BaseException:
+        await _in_thread(_unlink_all, [tmp for tmp, _ in received])
+        raise
+    if not received:
         raise BadUpload("no file in the upload")
-    return await _stream_ingest(request, kb,
-                                lambda ing, emit: ing.ingest(saved, kb, on_file=emit))
+
+    def job(ingestor: Ingestor, emit: Callable[[FileResult], None]) -> IngestReport:
+        report = IngestReport()
+        try:
+            for tmp, target in received:
+                result = ingestor.ingest_upload(tmp, target, kb)
+                report.results.append(result)
+                emit(result)
+            if any(r.status in ("added", "updated") for r in report.results):
+                ingestor.save_index(kb)
+        finally:
+            _unlink_all([tmp for tmp, _ in received])  # those not ingested (a crash, a cancel)
+        return report
+
+    return await _stream_ingest(request, service, kb, job)
 
 
 async def reindex(request: web.Request) -> web.StreamResponse:
     kb = check_kb_name(request.match_info["kb"])
     docs = await request.app[keys.STORE].read(lambda s: s.documents(kb))
+    if not docs:
+        raise NotFound(f"no knowledge base {kb!r}")
+    service = _ingest_service(request)
     paths = [Path(d.path) for d in docs]
     return await _stream_ingest(
-        request, kb, lambda ing, emit: ing.ingest(paths, kb, on_file=emit, force=True))
+        request, service, kb, lambda ing, emit: ing.ingest(paths, kb, on_file=emit, force=True))
 
 
 async def delete_document(request: web.Request) -> web.Response:
@@ -100,50 +121,66 @@ async def delete_document(request: web.Request) -> web.Response:
     doc = await request.app[keys.STORE].read(lambda s: s.document_by_id(doc_id))
     if doc is None or doc.kb != kb:
         raise NotFound(f"no document {doc_id} in knowledge base {kb!r}")
+    service = _ingest_service(request)
 
     def remove(ingestor: Ingestor) -> FileResult:
         result = ingestor.remove(kb, doc.path)
-        ingestor.library.get(kb).save(ingestor.store)
+        ingestor.save_index(kb)
         return result
 
-    result = await request.app[keys.INGEST].run(remove)
+    result = await service.run(remove)
     settings = request.app[keys.SETTINGS]
     kept = Path(doc.path)
     if kept.parent == settings.docs_dir / kb:  # an uploaded copy is ours to delete
-        kept.unlink(missing_ok=True)
+        await _in_thread(kept.unlink, True)
     await _announce_update(request, kb)
     return web.json_response({"deleted": doc_id, "chunks": result.chunks})
 
 
-async def _receive_files(reader: Any, folder: Path, cap: int) -> Any:
-    """Each file part to <folder>/<name>, durably; over the cap -> too_large, nothing kept."""
-    while (part := await reader.next()) is not None:
-        if not part.filename:
-            continue
-        name = Path(part.filename).name
-        if not _SAFE_NAME.match(name):
-            raise BadUpload(f"file name {part.filename!r} is not allowed")
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, folder.mkdir, 0o755, True, True)
-        target = folder / name
-        tmp = folder / f".{name}.upload"
-        size = 0
-        # Disk writes (an SD card can stall for long) go to a thread, never the event loop.
-        out = await loop.run_in_executor(None, tmp.open, "wb")
+async def _receive_files(request: web.Request, folder: Path,
+                         cap: int) -> AsyncIterator[tuple[Path, Path]]:
+    """Each file part to a temporary file in ``folder``, durably: (temporary, final path).
+    Over the cap -> too_large; a malformed body -> bad_upload."""
+    try:
+        reader = await request.multipart()
+    except (ValueError, AssertionError, KeyError, HttpProcessingError) as exc:  # the parser
+        raise BadUpload(f"malformed multipart body: {exc}") from None
+    await _in_thread(folder.mkdir, 0o755, True, True)
+    for _ in range(1000):  # parts per request, bounded
         try:
-            while chunk := await part.read_chunk(UPLOAD_BLOCK):
-                size += len(chunk)
-                if size > cap:
-                    raise DocumentTooLarge(f"{name}: over the upload limit of {cap} bytes")
-                await loop.run_in_executor(None, out.write, chunk)
-            await loop.run_in_executor(None, _flush_and_sync, out)
-        except BaseException:
-            out.close()
-            tmp.unlink(missing_ok=True)
-            raise
+            part = await reader.next()
+        except (ValueError, AssertionError, KeyError, UnicodeDecodeError,
+                HttpProcessingError) as exc:
+            raise BadUpload(f"malformed multipart body: {exc}") from None
+        if part is None:
+            return
+        filename = getattr(part, "filename", None)
+        if not filename:
+            continue
+        name = Path(filename.replace("\\", "/")).name
+        if not _SAFE_NAME.fullmatch(name):
+            raise BadUpload(f"file name {filename!r} is not allowed (letters, digits, space and"
+                            " . _ - ( ), not starting with a dot)")
+        tmp = folder / f".{name}.{secrets.token_hex(4)}.upload"
+        yield tmp, folder / name
+        await _write_part(part, tmp, cap, name)
+    raise BadUpload("too many parts in one upload")
+
+
+async def _write_part(part: Any, tmp: Path, cap: int, name: str) -> None:
+    loop = asyncio.get_running_loop()
+    # Disk writes (an SD card can stall for long) go to a thread, never the event loop.
+    out = await loop.run_in_executor(None, tmp.open, "wb")
+    try:
+        size = 0
+        while chunk := await part.read_chunk(UPLOAD_BLOCK):
+            size += len(chunk)
+            if size > cap:
+                raise DocumentTooLarge(f"{name}: over the upload limit of {cap} bytes")
+            await loop.run_in_executor(None, out.write, chunk)
+        await loop.run_in_executor(None, _flush_and_sync, out)
+    finally:
         out.close()
-        await loop.run_in_executor(None, os.replace, tmp, target)
-        yield target
 
 
 def _flush_and_sync(out: Any) -> None:
@@ -151,8 +188,17 @@ def _flush_and_sync(out: Any) -> None:
     os.fsync(out.fileno())
 
 
-async def _stream_ingest(request: web.Request, kb: str,
-                         job: Callable[[Ingestor, Callable[[FileResult], None]], Any]
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
+
+
+async def _in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
+async def _stream_ingest(request: web.Request, service: IngestService, kb: str,
+                         job: Callable[[Ingestor, Callable[[FileResult], None]], IngestReport]
                          ) -> web.StreamResponse:
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
@@ -162,16 +208,18 @@ async def _stream_ingest(request: web.Request, kb: str,
     def emit(result: FileResult) -> None:
         loop.call_soon_threadsafe(lines.put_nowait, {"type": "file", **asdict(result)})
 
-    def run(ingestor: Ingestor) -> Any:
+    def run(ingestor: Ingestor) -> None:
         try:
             report = job(ingestor, emit)
             loop.call_soon_threadsafe(lines.put_nowait, {
                 "type": "summary", **{s: report.count(s) for s in
                                       ("added", "updated", "unchanged", "removed", "failed")}})
+        except EdgekbError as exc:
+            loop.call_soon_threadsafe(lines.put_nowait, {"type": "error", **exc.to_wire()})
         finally:
             loop.call_soon_threadsafe(lines.put_nowait, None)
 
-    task = asyncio.ensure_future(request.app[keys.INGEST].run(run))
+    task = asyncio.ensure_future(service.run(run))
     # Unbounded but finite: one line per file of this request, plus the summary.
     while (line := await lines.get()) is not None:
         await response.write(json.dumps(line).encode() + b"\n")
@@ -182,5 +230,5 @@ async def _stream_ingest(request: web.Request, kb: str,
 
 
 async def _announce_update(request: web.Request, kb: str) -> None:
-    await broadcast(request.app, {"type": "notice", "event": "kb_updated", "kb": kb,
-                                  "message": f"knowledge base {kb!r} was updated"})
+    await broadcast(request.app, events.notice("kb_updated", f"knowledge base {kb!r} was updated",
+                                               kb=kb))

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from aiohttp import WSCloseCode, web
 
-from . import keys, sessions
-from .answer import AnswerEngine, AnswerOptions
-from .api import error_middleware, setup_api
+from . import events, keys, sessions
+from .answer import AnswerEngine, AnswerOptions, Answers
+from .api import setup_api
 from .config import Settings
 from .conversations import Conversations
 from .cpugate import CpuGate
@@ -28,6 +27,7 @@ from .engines import (
     open_library,
     prompt_builder,
 )
+from .http_errors import error_middleware
 from .ingest_service import IngestService
 from .llm import LlmEngine
 from .llm_remote import RemoteLlm
@@ -35,18 +35,25 @@ from .notices import broadcast
 from .retrieval import Searcher
 from .scheduler import FairQueue
 from .store import AsyncStore
-from .ws import websocket_handler
+from .ws import sweep, websocket_handler
 
 STATIC_DIR = Path(__file__).with_name("static")
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, answers: Answers | None = None) -> web.Application:
+    """The appliance. With ``answers`` (the tests' scripted engine) no model is loaded: the
+    conversation core and the transports run on it, and the document API is unavailable."""
     app = web.Application(client_max_size=settings.server.max_message_bytes,
                           middlewares=[error_middleware])
     app[keys.SETTINGS] = settings
-    app[keys.CONNECTIONS] = weakref.WeakSet()
-    app.cleanup_ctx.extend([_store, _embedder, _library, _ingest, _llm, _conversations])
+    app[keys.CONNECTIONS] = set()  # each handler removes its own when it ends
+    app.cleanup_ctx.append(_store)
+    if answers is None:
+        app.cleanup_ctx.extend([_embedder, _library, _ingest, _llm])
+    else:
+        app[keys.ANSWERS] = answers
+    app.cleanup_ctx.extend([_conversations, sweep])
     app.on_shutdown.append(_close_sockets)
     app.router.add_get("/ws", websocket_handler)
     app.router.add_get("/healthz", _healthz)
@@ -63,6 +70,11 @@ async def _in_thread(fn, *args):  # type: ignore[no-untyped-def]
 
 async def _store(app: web.Application) -> AsyncIterator[None]:
     store = AsyncStore(app[keys.SETTINGS].db_path)
+    # Opens the writer now, so a schema from a newer edgekb stops start-up, and clears what an
+    # interrupted ingest left unpublished.
+    purged = await store.write(lambda db: db.purge_unpublished())
+    if purged:
+        log.warning("removed %d half-ingested documents left by the last run", purged)
     app[keys.STORE] = store
     yield
     await _in_thread(store.close)
@@ -77,15 +89,17 @@ async def _embedder(app: web.Application) -> AsyncIterator[None]:
 
 async def _library(app: web.Application) -> AsyncIterator[None]:
     library = open_library(app[keys.SETTINGS], app[keys.EMBEDDER])
-    await app[keys.STORE].write(library.load)
+    store = app[keys.STORE]
+    await store.read(lambda db: library.load(db, store.write_from_thread))
     app[keys.LIBRARY] = library
     yield
 
 
 async def _ingest(app: web.Application) -> AsyncIterator[None]:
     settings, embedder, library = app[keys.SETTINGS], app[keys.EMBEDDER], app[keys.LIBRARY]
-    service = IngestService(lambda store: make_ingestor(settings, store, embedder, library),
-                            settings.db_path)
+    writer = app[keys.STORE].write_from_thread
+    service = IngestService(lambda reads: make_ingestor(settings, reads, embedder, library,
+                                                        writer), settings.db_path)
     app[keys.INGEST] = service
     yield
     await _in_thread(service.close)
@@ -125,7 +139,8 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
     queue = FairQueue(settings.queue.max_waiting, settings.queue.max_per_user,
                       slots=settings.generation.slots)
     conversations = Conversations(store, app[keys.ANSWERS], queue, options,
-                                  grace_s=settings.sessions.grace_s)
+                                  grace_s=settings.sessions.grace_s, data_dir=settings.data_dir,
+                                  min_free_bytes=settings.storage.min_free_mb * 2**20)
     app[keys.CONVERSATIONS] = conversations
     yield
     await conversations.close()
@@ -135,8 +150,7 @@ async def _close_sockets(app: web.Application) -> None:
     """Tell every client to resume later and give the notice a moment to leave; stop sending
     answers, end the running ones (their logs close with `interrupted`, which clients get by
     resuming after the restart), then close every socket."""
-    await broadcast(app, {"type": "notice", "event": "shutdown",
-                          "message": "the server is going down; resume in a moment"})
+    await broadcast(app, events.notice("shutdown", "the server is going down; resume in a moment"))
     await asyncio.sleep(0.2)
     connections = list(app[keys.CONNECTIONS])
     await asyncio.gather(*(conn.close_followers() for conn in connections))

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--demo", action="store_true", help="ingest the bundled demo manuals")
     ingest.add_argument("--kb", default="default", help="knowledge base (default: default)")
 
+    reindex = sub.add_parser("reindex", help="embed every stored chunk again (after changing "
+                             "the embedder); the server must be stopped")
+    _common(reindex)
+    reindex.add_argument("--kb", action="append", help="knowledge base(s) (default: all)")
+
     search = sub.add_parser("search", help="show the chunks retrieval finds, without the LLM")
     _common(search)
     search.add_argument("query")
@@ -114,10 +119,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         embedder = load_embedder(settings, open_catalog(settings))
         store = Store(settings.db_path)
         try:
+            store.purge_unpublished()
             library = open_library(settings, embedder)
-            library.get(args.kb).load_or_rebuild(store)
-            report = make_ingestor(settings, store, embedder, library).ingest(
-                paths, args.kb, on_file=_print_file_result)
+            ingestor = make_ingestor(settings, store, embedder, library)
+            library.get(args.kb).load_or_rebuild(store, ingestor.write)
+            report = ingestor.ingest(paths, args.kb, on_file=_print_file_result)
         finally:
             store.close()
     print(f"{report.count('added')} added, {report.count('updated')} updated, "
@@ -131,6 +137,29 @@ def _print_file_result(result: Any) -> None:
     detail = f"{result.chunks} chunks" if result.status != "failed" else \
         f"[{result.code}] {result.error}"
     print(f"{result.status:>9}  {result.path}  ({detail})", file=sys.stderr)
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from .datadir import exclusive
+    from .engines import load_embedder, make_ingestor, open_catalog, open_library
+    from .store import Store, check_kb_name
+
+    settings = _settings(args)
+    with exclusive(settings.data_dir, "edgekb reindex"):
+        embedder = load_embedder(settings, open_catalog(settings))
+        store = Store(settings.db_path)
+        try:
+            ingestor = make_ingestor(settings, store, embedder, open_library(settings, embedder))
+            kbs = [check_kb_name(kb) for kb in args.kb] if args.kb else store.kbs()
+            if not kbs:
+                print("edgekb reindex: the data dir holds no knowledge base", file=sys.stderr)
+                return 1
+            for kb in kbs:
+                count = ingestor.reembed(kb)
+                print(f"{kb}: {count} chunks embedded with {embedder.identity}", file=sys.stderr)
+        finally:
+            store.close()
+    return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -149,7 +178,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     try:
         # Read-only use of a copy in memory: never rewrites index files a server may own.
         for kb in kbs or store.kbs():
-            library.get(kb).load_or_rebuild(store, save=False)
+            library.get(kb).load_or_rebuild(store)
         hits = Searcher(embedder, library).search(store, args.query, args.k, kbs, args.mode)
     finally:
         store.close()
@@ -217,5 +246,5 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"serve": cmd_serve, "ingest": cmd_ingest, "search": cmd_search, "ask": cmd_ask, "models": cmd_models,
-            "config": cmd_config}
+COMMANDS = {"serve": cmd_serve, "ingest": cmd_ingest, "reindex": cmd_reindex,
+            "search": cmd_search, "ask": cmd_ask, "models": cmd_models, "config": cmd_config}

@@ -1,4 +1,4 @@
-"""`edgekb ask`: a terminal client of protocol edgekb.v1 that survives a dropped link.
+"""`edgekb ask`: a terminal client of protocol edgekb.v2 that survives a dropped link.
 
 When the connection drops it reconnects (with backoff) to the same session and resumes the
 request after the last seq it printed, so the answer goes on exactly where it stopped.
@@ -16,7 +16,8 @@ from urllib.parse import urlencode
 
 import aiohttp
 
-from .protocol import PROTOCOL, encode
+from .events import encode
+from .protocol import PROTOCOL
 
 Emit = Callable[[dict[str, Any]], None]
 MAX_BACKOFF_S = 5.0
@@ -28,16 +29,20 @@ class AnswerPrinter:
     def __init__(self, out: TextIO, err: TextIO) -> None:
         self.out = out
         self.err = err
+        self.sources_open = False  # sources printed, the answer not begun
 
     def __call__(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
-        if kind == "sources":
-            for source in message["sources"]:
-                where = f", {source['where']}" if source.get("where") else ""
-                self.out.write(f"[{source['n']}] {source['title']}{where}"
-                               f" ({source['doc']}, score {source['score']:.2f})\n")
-            self.out.write("\n")
+        if kind == "source":
+            where = f", {message['where']}" if message.get("where") else ""
+            relevance = message.get("relevance") or f"score {message.get('score', 0):.2f}"
+            self.out.write(f"[{message['n']}] {message['title']}{where}"
+                           f" ({message['doc']}, {relevance})\n")
+            self.sources_open = True
         elif kind == "delta":
+            if self.sources_open:
+                self.out.write("\n")
+                self.sources_open = False
             self.out.write(message["text"])
         elif kind == "done":
             timings = message.get("timings", {})

@@ -69,6 +69,11 @@ class SessionsSettings:
 
 
 @dataclass(frozen=True)
+class StorageSettings:
+    min_free_mb: int = 64
+
+
+@dataclass(frozen=True)
 class IngestSettings:
     max_file_mb: int = 64
 
@@ -100,6 +105,7 @@ class Settings:
     ingest: IngestSettings = field(default_factory=IngestSettings)
     queue: QueueSettings = field(default_factory=QueueSettings)
     sessions: SessionsSettings = field(default_factory=SessionsSettings)
+    storage: StorageSettings = field(default_factory=StorageSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
@@ -153,6 +159,7 @@ _CHECKS: dict[str, _Check] = {
     "queue.max_waiting": _between(1, 1000),
     "queue.max_per_user": _between(1, 100),
     "sessions.grace_s": _at_least(0),
+    "storage.min_free_mb": _between(0, 1 << 20),
     "generation.state_cache_mb": _between(0, 4096),
     "models.llm": _NON_EMPTY,
     "models.embedder": _NON_EMPTY,

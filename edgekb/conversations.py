@@ -1,141 +1,222 @@
-"""Requests that outlive connections: numbered event logs, followers, resume, grace time.
+"""The conversation core: one transport-free API for every way in (WebSocket, SSE, OpenAI).
 
-A request runs as its own task, independent of any socket. Each event it produces gets the next
-``seq`` and goes to an in-RAM log (bounded: a request has at most max_tokens deltas plus a few
-status events) and, in batches, to SQLite. Followers are sent only what is already in SQLite:
-after a kill -9 or a power cut no client can hold an event (or a `done`) that the restarted
-server does not know, so a seq is never given twice. A connection *follows* a request from a
-seq: it reads the log from its cursor, so a slow reader only delays itself, and nothing is
-buffered per reader. Finished requests leave RAM after a short linger; resume then reads their
-log from SQLite. When the last follower of a running request has been gone for the grace time,
-it is cancelled.
+``open`` a session, ``ask`` in it, ``follow`` a request's events from any seq, ``cancel`` it,
+read its ``history``. A transport turns frames into these calls and hands ``follow`` a ``send``
+callable; it never touches the store or the engines. Everything a session owns is read and
+written here (through sessions.py), so every transport gets the same guarantees:
+
+- session ids are issued by the server: an unknown id, or one of another user, opens a new
+  session with a new id;
+- a refused question (queue full, disk under its floor, server going down) leaves no trace;
+- a request runs as its own task, independent of any connection, and its events are released
+  only once stored (runs.py); when nobody has followed it for the grace time it is cancelled
+  (one timer per run, cancelled whenever someone follows again);
+- only answered turns (finish stop or length) go into later prompts.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import threading
+import shutil
+import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from . import sessions
-from .answer import AnswerEngine, AnswerOptions
-from .errors import Busy, EdgekbError, ProtocolError
-from .protocol import ID_REUSE, UNKNOWN_REQUEST, encode, error_event
-from .scheduler import FairQueue
-from .sessions import Ending
+from . import events, sessions
+from .answer import AnswerEnd, AnswerOptions, Answers
+from .errors import Busy, DiskFull, EdgekbError, Interrupted, ProtocolError, StorageError
+from .idle import HeadReader
+from .protocol import ID_REUSE, UNKNOWN_REQUEST, valid_session_id
+from .runs import LogWriter, RequestRun, Send
+from .scheduler import FairQueue, Ticket
+from .sessions import Ending, Turn
 from .store import AsyncStore
 
 log = logging.getLogger(__name__)
 
 REPLAY_PAGE = 256
-HISTORY_TURNS = 6  # most recent turns offered to the prompt (it keeps what fits)
-MAX_HEADS_WAITING = 8  # sessions whose next prompt head waits to be pre-read when idle
+HISTORY_TURNS = 6        # most recent answered turns offered to the prompt (it keeps what fits)
+DISK_CHECK_EVERY_S = 1.0  # free space is read at most this often
+# Sessions handed out but not yet stored (a session row is written with its first question):
+# a second tab may open one before anything was asked. Bounded; the oldest are forgotten.
+MAX_ISSUED_SESSIONS = 4096
 
-Send = Callable[[str], Awaitable[None]]  # one encoded frame
 
-
-@dataclass(eq=False)
-class RequestRun:
-    session_id: str
-    id: str
-    question: str
-    kbs: tuple[str, ...] | None
-    frames: list[str] = field(default_factory=list)  # events, encoded once: wire and SQLite
-    saved: int = 0                 # frames[:saved] are in SQLite; only those are sent
-    ending: Ending | None = None   # set with the last event, and stored with it
-    followers: int = 0
-    stage: str = "new"             # new (task not started yet), queued, running
-    cancel: threading.Event = field(default_factory=threading.Event)
-    task: asyncio.Task[None] | None = None
-    saver: asyncio.Task[None] | None = None
-    _produced: asyncio.Event = field(default_factory=asyncio.Event)
-    _saved_changed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    @property
-    def finished(self) -> bool:
-        """The last event has been produced (it may not be saved yet)."""
-        return self.ending is not None
-
-    @property
-    def complete(self) -> bool:
-        """Every event, the last one included, is saved."""
-        return self.finished and self.saved == len(self.frames)
-
-    def append(self, event: dict[str, Any]) -> None:
-        self.frames.append(encode({**event, "id": self.id, "seq": len(self.frames) + 1}))
-        self._produced.set()
-
-    def finish(self, event: dict[str, Any], ending: Ending) -> None:
-        self.append(event)
-        self.ending = ending
-
-    def mark_saved(self, upto: int) -> None:
-        self.saved = upto
-        self._saved_changed.set()
-        self._saved_changed = asyncio.Event()
-
-    async def produced(self) -> None:
-        await self._produced.wait()
-        self._produced.clear()
-
-    async def saved_changed(self) -> None:
-        await self._saved_changed.wait()
+@dataclass(frozen=True)
+class Opened:
+    session: str
+    resumed: bool                     # the session existed (and is this user's)
+    running: list[dict[str, Any]]     # its unfinished requests: {"id", "seq"}
 
 
 class Conversations:
-    def __init__(self, store: AsyncStore, answers: AnswerEngine, queue: FairQueue,
-                 options: AnswerOptions, grace_s: float, linger_s: float = 30.0) -> None:
+    def __init__(self, store: AsyncStore, answers: Answers, queue: FairQueue,
+                 options: AnswerOptions, grace_s: float, *, data_dir: Path,
+                 min_free_bytes: int, linger_s: float = 30.0) -> None:
         self.store = store
         self.answers = answers
         self.queue = queue
         self.options = options
         self.grace_s = grace_s
         self.linger_s = linger_s
+        self.data_dir = data_dir
+        self.min_free_bytes = min_free_bytes
         self.live: dict[tuple[str, str], RequestRun] = {}
         self.closing = False
-        # Idle-time work: pre-reading the next prompt head of sessions that just got an answer.
-        # It yields to any other session's question and resumes when the LLM is idle again.
-        self._heads_waiting: OrderedDict[str, None] = OrderedDict()
-        self._idle_cancel = threading.Event()
-        self._prefilling: asyncio.Task[None] | None = None
-        self._prefilling_session: str | None = None
+        self._writer = LogWriter(store, self._ended)
+        self._heads = HeadReader(self._answered_turns, answers.prefill, self._llm_idle)
+        self._free_bytes: tuple[float, int] | None = None  # (checked at, bytes)
+        self._issued: OrderedDict[str, str] = OrderedDict()  # session -> user, not yet stored
+
+    # --- the API ---------------------------------------------------------------------------
+
+    async def open(self, user: str, requested: str | None = None) -> Opened:
+        """Continue ``requested`` when it is this user's session, else start a new one."""
+        if requested and valid_session_id(requested):
+            owner = await self.store.read(lambda db: sessions.session_owner(db, requested))
+            if owner == user:
+                return Opened(requested, True, self.running(requested))
+            if owner is None and self._issued.get(requested) == user:
+                return Opened(requested, False, [])
+        session = sessions.new_session_id()
+        self._issued[session] = user
+        while len(self._issued) > MAX_ISSUED_SESSIONS:
+            self._issued.popitem(last=False)
+        return Opened(session, False, [])
 
     async def ask(self, session_id: str, user: str, request_id: str, question: str,
-                  kbs: tuple[str, ...] | None = None) -> RequestRun:
+                  kbs: tuple[str, ...] | None = None) -> None:
+        """Start answering; the events are read with ``follow``. A refused question raises a
+        typed error that names the request, and leaves nothing stored."""
+        try:
+            await self._start(session_id, user, request_id, question, kbs)
+        except EdgekbError as exc:
+            exc.details.setdefault("id", request_id)
+            raise
+
+    async def _start(self, session_id: str, user: str, request_id: str, question: str,
+                     kbs: tuple[str, ...] | None) -> None:
         if self.closing:
             raise Busy("the server is going down; ask again in a moment", retry_after=10)
+        self._check_disk()
         key = (session_id, request_id)
-        fresh = key not in self.live and await self.store.write(
-            lambda db: sessions.begin_request(db, session_id, request_id, question))
+        if key in self.live:
+            raise _id_reuse(request_id)
+        run = RequestRun(session_id, request_id, user, question, kbs)
+        ticket = self.queue.enqueue(user, lambda p: run.append(
+            events.queued(p, self.queue.wait_s(p) if p else None)))
+        self._heads.question_for(session_id)
+        try:
+            fresh = await self.store.write(lambda db: sessions.begin_request(
+                db, session_id, user, request_id, question))
+        except EdgekbError:
+            self.queue.withdraw(ticket)
+            raise
+        except Exception as exc:
+            self.queue.withdraw(ticket)
+            log.error("could not store a question of session %s: %s", session_id, exc)
+            raise StorageError("the appliance could not store the question (is its disk "
+                               "full?)") from exc
         if not fresh:
-            raise ProtocolError(ID_REUSE, f"request id {request_id!r} was already used in this"
-                                " session; resume it or use a new id", id=request_id)
-        # No await from here until the run is live, so no idle work can start in between.
-        # A head being pre-read for this very session is the start of this prompt: let it run.
-        if self._prefilling_session != session_id:
-            self._idle_cancel.set()
-        self._heads_waiting.pop(session_id, None)
-        run = RequestRun(session_id, request_id, question, kbs)
+            self.queue.withdraw(ticket)
+            raise _id_reuse(request_id)
         self.live[key] = run
-        run.task = asyncio.create_task(self._produce(run, user))
-        return run
+        run.saver = asyncio.create_task(self._writer.run(run))
+        run.task = asyncio.create_task(self._produce(run, ticket))
+        self._unfollowed(run)  # cancelled unless someone follows it
 
     async def cancel(self, session_id: str, request_id: str) -> None:
         """Stop a request within one token. Cancelling one that already ended does nothing
-        (its `done` is on the way); an id this session never used is a typed error."""
+        (its last event says how it ended); an id this session never used is a typed error."""
         run = self.live.get((session_id, request_id))
         if run is None:
-            if await self.store.read(lambda db: sessions.request_state(
-                    db, session_id, request_id)) is None:
-                raise ProtocolError(UNKNOWN_REQUEST, f"no request {request_id!r} in this"
-                                    " session", id=request_id)
+            if await self._state(session_id, request_id) is None:
+                raise _unknown(request_id)
             return
         self._stop(run)
+
+    async def follow(self, session_id: str, request_id: str, after: int, send: Send) -> None:
+        """Send every saved event of the request with seq > after, live ones as they come;
+        returns once the last one is sent."""
+        run = self.live.get((session_id, request_id))
+        if run is None:
+            await self._replay_stored(session_id, request_id, after, send)
+            return
+        run.followers += 1
+        if run.grace is not None:
+            run.grace.cancel()
+            run.grace = None
+        try:
+            await run.follow(after, send)
+        finally:
+            run.followers -= 1
+            self._unfollowed(run)
+
+    async def history(self, session_id: str, before: int | None,
+                      limit: int) -> tuple[list[Turn], bool]:
+        """Up to ``limit`` turns before turn ``before``, oldest first, and whether there are
+        older ones."""
+        turns = await self.store.read(lambda db: sessions.turns(db, session_id, before,
+                                                                limit + 1))
+        return turns[-limit:], len(turns) > limit
+
+    def running(self, session_id: str) -> list[dict[str, Any]]:
+        return [{"id": run.id, "seq": run.saved} for (sid, _), run in self.live.items()
+                if sid == session_id and not run.finished]
+
+    def status(self) -> dict[str, Any]:
+        """What the LLM is doing now, for operators and for tests that wait for idle time."""
+        answering = any(run.stage == "running" and not run.finished
+                        for run in self.live.values())
+        return {"llm": "answering" if answering else "pre-reading" if self._heads.busy
+                else "idle", "queued": self.queue.waiting, "heads_waiting": self._heads.waiting,
+                "storage": self.storage()}
+
+    def storage(self) -> dict[str, Any]:
+        free = self._free()
+        return {"free_mb": round(free / 2**20, 1), "floor_mb": round(self.min_free_bytes / 2**20),
+                "ok": free >= self.min_free_bytes}
+
+    async def close(self) -> None:
+        """Shutdown: end running requests with an `interrupted` error; their logs stay
+        resumable after the restart."""
+        self.closing = True
+        await self._heads.close()
+        runs = [r for r in self.live.values() if r.task and not r.task.done()]
+        for run in runs:
+            run.task.cancel()  # type: ignore[union-attr]
+        await asyncio.gather(*(r.task for r in runs if r.task), return_exceptions=True)
+        await asyncio.gather(*(r.saver for r in runs if r.saver), return_exceptions=True)
+
+    # --- inside ----------------------------------------------------------------------------
+
+    def _free(self) -> int:
+        now = time.monotonic()
+        if self._free_bytes is None or now - self._free_bytes[0] > DISK_CHECK_EVERY_S:
+            self._free_bytes = (now, shutil.disk_usage(self.data_dir).free)
+        return self._free_bytes[1]
+
+    def _check_disk(self) -> None:
+        free = self._free()
+        if free < self.min_free_bytes:
+            raise DiskFull(f"only {free / 2**20:.0f} MB free on the data disk (the floor is "
+                           f"{self.min_free_bytes / 2**20:.0f} MB); ask an admin to make room",
+                           retry_after=60)
+
+    async def _state(self, session_id: str, request_id: str) -> tuple[str, int] | None:
+        return await self.store.read(lambda db: sessions.request_state(db, session_id,
+                                                                       request_id))
+
+    async def _answered_turns(self, session_id: str) -> Sequence[Turn]:
+        return await self.store.read(lambda db: sessions.turns(
+            db, session_id, None, HISTORY_TURNS, finished_only=True))
+
+    def _llm_idle(self) -> bool:
+        return all(run.finished for run in self.live.values())
 
     def _stop(self, run: RequestRun) -> None:
         if run.finished:
@@ -144,36 +225,22 @@ class Conversations:
         if run.stage == "queued" and run.task is not None:
             run.task.cancel()  # waiting for the LLM: leave the queue now
 
-    async def follow(self, session_id: str, request_id: str, after: int, send: Send) -> None:
-        """Send every saved event of the request with seq > after, live ones as they come."""
-        run = self.live.get((session_id, request_id))
-        if run is None:
-            await self._replay_stored(session_id, request_id, after, send)
-            return
-        run.followers += 1
-        cursor = after
-        try:
-            while True:
-                if cursor < run.saved:
-                    for seq in range(cursor + 1, run.saved + 1):
-                        await send(run.frames[seq - 1])
-                        cursor = seq
-                    continue
-                if run.complete:
-                    return
-                await run.saved_changed()
-        finally:
-            run.followers -= 1
-            if run.followers == 0 and not run.finished:
-                asyncio.get_running_loop().call_later(self.grace_s, self._grace_expired, run)
+    def _unfollowed(self, run: RequestRun) -> None:
+        if run.followers == 0 and not run.finished and run.grace is None:
+            run.grace = asyncio.get_running_loop().call_later(self.grace_s, self._grace_expired,
+                                                              run)
+
+    def _grace_expired(self, run: RequestRun) -> None:
+        run.grace = None
+        if run.followers == 0 and not run.finished:
+            log.info("nobody follows %s/%s any more: cancelling", run.session_id, run.id)
+            self._stop(run)
 
     async def _replay_stored(self, session_id: str, request_id: str, after: int,
                              send: Send) -> None:
-        state = await self.store.read(
-            lambda db: sessions.request_state(db, session_id, request_id))
+        state = await self._state(session_id, request_id)
         if state is None:
-            raise ProtocolError(UNKNOWN_REQUEST, f"no request {request_id!r} in this session",
-                                id=request_id)
+            raise _unknown(request_id)
         cursor = after
         for _ in range(state[1] // REPLAY_PAGE + 2):  # bounded: the log has last_seq events
             page = await self.store.read(lambda db: sessions.frames_after(
@@ -184,142 +251,74 @@ class Conversations:
                 await send(frame)
                 cursor = seq
 
-    def _grace_expired(self, run: RequestRun) -> None:
-        if run.followers == 0 and not run.finished:
-            log.info("nobody follows %s/%s any more: cancelling", run.session_id, run.id)
-            self._stop(run)
-
-    async def _produce(self, run: RequestRun, user: str) -> None:
-        run.saver = asyncio.create_task(self._save_events(run))
+    async def _produce(self, run: RequestRun, ticket: Ticket) -> None:
+        end: AnswerEnd | None = None
+        final: dict[str, Any] | None = None
         sources: list[dict[str, Any]] = []
-        final: dict[str, Any] = {}
         try:
             run.stage = "queued"
             if run.cancel.is_set():  # cancelled before its task first ran
+                self.queue.withdraw(ticket)
                 raise asyncio.CancelledError
-            async with self.queue.slot(user, lambda p: run.append(
-                    {"type": "queued", "position": p})):
+            async with self.queue.hold(ticket):
                 run.stage = "running"
-                history = await self.store.read(lambda db: sessions.turns(
-                    db, run.session_id, None, HISTORY_TURNS))
+                history = await self._answered_turns(run.session_id)
                 options = replace(self.options, kbs=run.kbs)
-                async for event in self.answers.answer(run.question, options, run.cancel,
-                                                       history, run.session_id):
-                    if event["type"] == "done":
-                        final = event  # held back: it goes out with the turn, below
+                async for item in self.answers.answer(run.question, options, run.cancel,
+                                                      history, run.session_id):
+                    if isinstance(item, AnswerEnd):
+                        end = item  # its `done` goes out with the turn, below
                         continue
-                    run.append(event)
-                    if event["type"] == "sources":
-                        sources = event["sources"]
+                    run.append(item)
+                    if item["type"] == "source":
+                        sources.append({k: v for k, v in item.items() if k != "type"})
+            if end is not None:
+                final = events.done(end.finish, end.text, end.usage, end.timings)
         except asyncio.CancelledError:
-            final = (self._interrupted(run) if self.closing else
-                     {"type": "done", "finish": "cancelled", "text": "", "usage": {},
-                      "timings": {}})
-        except Busy as exc:
-            final = error_event(exc)
+            final = self._interrupted(run) if self.closing else \
+                events.done("cancelled", run.text(), {}, {})
         except EdgekbError as exc:
-            final = error_event(exc)
+            final = events.error(exc)
         except Exception:
             log.exception("request %s/%s failed", run.session_id, run.id)
-            final = error_event(EdgekbError("internal error"))
-        if not final:  # the engine ended without `done`: never leave a request open
-            final = error_event(EdgekbError("internal error"))
-        run.finish(final, self._ending(run, final, sources))
-        await asyncio.shield(run.saver)  # the log is written to its end even at shutdown
-
-    @staticmethod
-    def _ending(run: RequestRun, final: dict[str, Any],
-                sources: list[dict[str, Any]]) -> Ending:
-        if final.get("code") == "interrupted":
-            state, finish = "interrupted", "interrupted"
-        elif final.get("type") == "done":
-            state = "cancelled" if final["finish"] == "cancelled" else "done"
-            finish = final["finish"]
-        else:
-            state, finish = "failed", final.get("code", "internal")
-        return Ending(state, run.question, final.get("text", ""), sources, finish)
-
-    async def _save_events(self, run: RequestRun) -> None:
-        """Write the log in batches, one transaction per wake-up, and only then release the
-        events to followers. The last batch also stores the turn."""
-        while not run.complete:
-            upto = len(run.frames)
-            if upto == run.saved:
-                await run.produced()
-                continue
-            batch = [(seq, run.frames[seq - 1]) for seq in range(run.saved + 1, upto + 1)]
-            ending = run.ending if run.finished and upto == len(run.frames) else None
-            try:
-                await self.store.write(lambda db: sessions.append_events(
-                    db, run.session_id, run.id, batch, ending))
-            except Exception:  # a lost write costs durability, never the live answer
-                log.exception("could not store events of %s/%s", run.session_id, run.id)
-            if ending is not None:
-                self._ended(run, ending)
-            run.mark_saved(upto)
+            final = events.error(EdgekbError("internal error"))
+        if final is None:  # the engine ended without its end: never leave a request open
+            final = events.error(EdgekbError("internal error"))
+        text = end.text if end is not None else run.text()
+        run.finish(final, _ending(run.question, final, text, sources))
+        if run.saver is not None:
+            await asyncio.shield(run.saver)  # the log is written to its end even at shutdown
 
     def _ended(self, run: RequestRun, ending: Ending) -> None:
         asyncio.get_running_loop().call_later(
             self.linger_s, self.live.pop, (run.session_id, run.id), None)
         if ending.state == "done" and not self.closing:
-            self._heads_waiting.pop(run.session_id, None)
-            self._heads_waiting[run.session_id] = None
-            while len(self._heads_waiting) > MAX_HEADS_WAITING:
-                self._heads_waiting.popitem(last=False)
-        # Started before the `done` is released, so a follow-up finds its head being read.
-        self._prefill_when_idle()
-
-    def _prefill_when_idle(self) -> None:
-        llm_idle = all(run.finished for run in self.live.values())
-        if self.closing or not llm_idle or not self._heads_waiting or (
-                self._prefilling and not self._prefilling.done()):
-            return
-        # The newest first: stale sessions must not hold up the one just answered.
-        session_id = next(reversed(self._heads_waiting))
-        self._idle_cancel.clear()
-        self._prefilling_session = session_id
-        self._prefilling = asyncio.create_task(self._prefill(session_id))
-
-    async def _prefill(self, session_id: str) -> None:
-        try:
-            history = await self.store.read(
-                lambda db: sessions.turns(db, session_id, None, HISTORY_TURNS))
-            await self.answers.prefill(history, session_id, self._idle_cancel)
-            if not self._idle_cancel.is_set():
-                self._heads_waiting.pop(session_id, None)
-        except Exception:  # idle-time work: a failure costs only the speed-up
-            log.exception("pre-reading the next prompt of session %s failed", session_id)
-            self._heads_waiting.pop(session_id, None)
-        finally:
-            self._prefilling_session = None
-            self._prefilling = None
-        self._prefill_when_idle()  # the next waiting head, if still idle
-
-    def status(self) -> dict[str, Any]:
-        """What the LLM is doing now, for operators and for tests that wait for idle time."""
-        answering = any(run.stage == "running" and not run.finished
-                        for run in self.live.values())
-        prefilling = self._prefilling is not None and not self._prefilling.done()
-        return {"llm": "answering" if answering else "pre-reading" if prefilling else "idle",
-                "queued": self.queue.waiting, "heads_waiting": len(self._heads_waiting)}
+            self._heads.answered(run.session_id)
+        # Started before the last event is released, so a follow-up finds its head being read.
+        self._heads.start_if_idle()
 
     @staticmethod
     def _interrupted(run: RequestRun) -> dict[str, Any]:
-        # Shutdown only: decoding the log once here beats keeping every event twice.
-        events = [json.loads(frame) for frame in run.frames]
-        text = "".join(e.get("text", "") for e in events if e["type"] == "delta")
-        return {"type": "error", "code": "interrupted", "text": text,
-                "message": "the server shut down while this answer was being written"}
+        return events.error(Interrupted(
+            "the server shut down while this answer was being written", chars=len(run.text())))
 
-    async def close(self) -> None:
-        """Shutdown: end running requests with an `interrupted` error that carries their text;
-        their logs stay resumable after the restart."""
-        self.closing = True
-        self._idle_cancel.set()
-        if self._prefilling:
-            await asyncio.gather(self._prefilling, return_exceptions=True)
-        runs = [r for r in self.live.values() if r.task and not r.task.done()]
-        for run in runs:
-            run.task.cancel()  # type: ignore[union-attr]
-        await asyncio.gather(*(r.task for r in runs if r.task), return_exceptions=True)
-        await asyncio.gather(*(r.saver for r in runs if r.saver), return_exceptions=True)
+
+def _ending(question: str, final: dict[str, Any], text: str,
+            sources: list[dict[str, Any]]) -> Ending:
+    if final["type"] == "done":
+        finish = final["finish"]
+        state = "cancelled" if finish == "cancelled" else "done"
+    else:
+        finish = final["code"]
+        state = "interrupted" if finish == "interrupted" else "failed"
+    return Ending(state, question, text, sources, finish)
+
+
+def _id_reuse(request_id: str) -> ProtocolError:
+    return ProtocolError(ID_REUSE, f"request id {request_id!r} was already used in this"
+                         " session; resume it or use a new id", id=request_id)
+
+
+def _unknown(request_id: str) -> ProtocolError:
+    return ProtocolError(UNKNOWN_REQUEST, f"no request {request_id!r} in this session",
+                         id=request_id)

@@ -26,6 +26,7 @@ from tokenizers import Tokenizer
 from .errors import ModelError
 
 log = logging.getLogger(__name__)
+
 # Padded tokens per onnxruntime run. On 2 cores 200-token chunks embed as fast two at a time as
 # ten at a time (27-28 chunks/s either way), and the arena's peak fell from 390 to 271 MB.
 TOKENS_PER_RUN = 512
@@ -33,8 +34,9 @@ TOKENS_PER_RUN = 512
 
 class Embedder:
     def __init__(self, model_path: Path, tokenizer_path: Path, *, dim: int, max_tokens: int = 256,
-                 threads: int = 0, batch_size: int = 16) -> None:
+                 threads: int = 0, batch_size: int = 16, identity: str = "") -> None:
         self.dim = dim
+        self.identity = identity  # recorded with each index: vectors of another model differ
         self.max_tokens = max_tokens
         self.batch_size = batch_size
         self.token_budget = TOKENS_PER_RUN

@@ -14,7 +14,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from .catalog import Catalog, ModelEntry, default_manifest_path, verify
 from .config import Settings
 from .embed import Embedder
-from .index import Library
+from .index import Library, Write
 from .ingest import Ingestor
 from .llm import LlmEngine
 from .llm_remote import RemoteLlm
@@ -33,20 +33,22 @@ def open_catalog(settings: Settings) -> Catalog:
 def load_embedder(settings: Settings, catalog: Catalog) -> Embedder:
     entry = catalog.get(settings.models.embedder, kind="embedder")
     paths = verify(settings.models_cache, entry)
+    model = next(f for f in entry.files if f.role == "model")
     return Embedder(paths["model"], paths["tokenizer"], dim=int(entry.settings["dim"]),
                     max_tokens=int(entry.settings.get("max_tokens", 256)),
-                    threads=settings.embedding.threads, batch_size=settings.embedding.batch_size)
+                    threads=settings.embedding.threads, batch_size=settings.embedding.batch_size,
+                    identity=f"{entry.name} (sha256 {model.sha256[:16]})")
 
 
 def open_library(settings: Settings, embedder: Embedder) -> Library:
-    return Library(embedder.dim, settings.data_dir)
+    return Library(embedder.dim, settings.data_dir, embedder.identity)
 
 
 def make_ingestor(settings: Settings, store: Store, embedder: Embedder,
-                  library: Library) -> Ingestor:
+                  library: Library, write: Write | None = None) -> Ingestor:
     return Ingestor(store, embedder, library, chunk_tokens=settings.chunking.chunk_tokens,
                     overlap_tokens=settings.chunking.overlap_tokens,
-                    max_file_bytes=settings.ingest.max_file_mb * 1024 * 1024)
+                    max_file_bytes=settings.ingest.max_file_mb * 1024 * 1024, write=write)
 
 
 def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine | RemoteLlm, ModelEntry]:

@@ -107,3 +107,44 @@ class CorruptDocument(IngestError):
     """The file is damaged or is not the format its name says."""
 
     code = "corrupt_document"
+
+
+class StorageError(EdgekbError):
+    """A write to the data dir failed (a full or failing disk); nothing unsaved was sent."""
+
+    code = "storage_error"
+
+
+class DiskFull(EdgekbError):
+    """Free space on the data dir's disk is under the configured floor: new work is refused
+    before a write can fail half-way."""
+
+    code = "disk_full"
+
+
+class SchemaTooNew(EdgekbError):
+    """The data dir was written by a newer edgekb; an older one must not touch it."""
+
+    code = "schema_too_new"
+
+
+class EmbedderMismatch(EdgekbError):
+    """The stored vectors come from another embedder than the configured one."""
+
+    code = "embedder_mismatch"
+
+
+class NotFound(EdgekbError):
+    code = "not_found"
+
+
+class Unavailable(EdgekbError):
+    """A part of the appliance this request needs is not loaded (or is shutting down)."""
+
+    code = "unavailable"
+
+
+class Interrupted(EdgekbError):
+    """The server stopped while the answer was being written; the log keeps what was sent."""
+
+    code = "interrupted"

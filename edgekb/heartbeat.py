@@ -13,11 +13,9 @@ a Wi-Fi gateway) they come from the proxy, which acknowledges for a client long 
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable
 
 # struct tcp_info (linux/tcp.h): tcpi_unacked at byte 24, tcpi_last_ack_recv (ms) at byte 56.
 _TCP_INFO_LEN = 104
@@ -45,39 +43,41 @@ def tcp_acked_within(sock: socket.socket | None, seconds: float) -> bool | None:
 
 
 class Heartbeat:
-    def __init__(self, interval_s: float, timeout_s: float, ping: Callable[[], Awaitable[None]],
-                 sock: socket.socket | None, max_silent_s: float = MAX_SILENT_S) -> None:
+    """One connection's liveness, checked by the server's single sweeper (no task per
+    connection: a thousand idle connections cost a thousand timers otherwise)."""
+
+    def __init__(self, interval_s: float, timeout_s: float, sock: socket.socket | None,
+                 max_silent_s: float = MAX_SILENT_S) -> None:
         self.interval_s = interval_s
         self.timeout_s = timeout_s
-        self._ping = ping
         self._sock = sock
         self.last_inbound = time.monotonic()
         self.last_frame = self.last_inbound
         self.max_silent_s = max(max_silent_s, 2 * (interval_s + timeout_s))
+        self._pinged_at: float | None = None
 
     def saw_inbound(self) -> None:
         self.last_inbound = self.last_frame = time.monotonic()
 
-    async def run(self) -> None:
-        """Returns when the peer is dead; the caller closes the connection."""
-        pinged_at: float | None = None
-        step = max(0.05, min(self.interval_s, self.timeout_s) / 4)
-        while True:
-            await asyncio.sleep(step)
-            now = time.monotonic()
-            if now - self.last_inbound < self.interval_s:
-                pinged_at = None
-                continue
-            if pinged_at is None:
-                pinged_at = now
-                await self._ping()
-                continue
-            since_ping = now - pinged_at
-            if since_ping < self.timeout_s:
-                continue
-            if now - self.last_frame < self.max_silent_s and \
-                    tcp_acked_within(self._sock, since_ping):
-                self.last_inbound = now  # the link carries our bytes: slow, not dead
-                pinged_at = None
-                continue
-            return
+    def check(self, now: float) -> str:
+        """``ok``, ``ping`` (send one now) or ``dead`` (close the connection)."""
+        if now - self.last_inbound < self.interval_s:
+            self._pinged_at = None
+            return "ok"
+        if self._pinged_at is None:
+            self._pinged_at = now
+            return "ping"
+        since_ping = now - self._pinged_at
+        if since_ping < self.timeout_s:
+            return "ok"
+        if now - self.last_frame < self.max_silent_s and \
+                tcp_acked_within(self._sock, since_ping):
+            self.last_inbound = now  # the link carries our bytes: slow, not dead
+            self._pinged_at = None
+            return "ok"
+        return "dead"
+
+
+def sweep_step(interval_s: float, timeout_s: float) -> float:
+    """How often the sweeper looks at every connection."""
+    return max(0.05, min(interval_s, timeout_s) / 4)

@@ -1,7 +1,8 @@
-"""The server's one ingest thread, with its own SQLite connection.
+"""The server's one ingest thread.
 
 Uploads and reindexing run here, one job at a time, so parsing and embedding never touch the
-event loop and never race each other on the index.
+event loop and never race each other on the index. The ingestor reads through its own
+read-only SQLite connection and writes through the store's one writer thread.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from .store import Store
 
 
 class IngestService:
-    """The server's one ingest thread, with its own SQLite connection."""
 
     def __init__(self, make: Callable[[Store], Ingestor], db_path: Path) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ingest")
@@ -27,7 +27,7 @@ class IngestService:
 
     def _get(self) -> Ingestor:
         if self._ingestor is None:
-            self._ingestor = self._make(Store(self._db_path))
+            self._ingestor = self._make(Store(self._db_path, read_only=True))
         return self._ingestor
 
     async def run(self, fn: Callable[[Ingestor], Any]) -> Any:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import weakref
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from .answer import AnswerEngine
+from .answer import Answers
 from .config import Settings
 from .conversations import Conversations
 from .embed import Embedder
@@ -26,6 +25,6 @@ EMBEDDER = web.AppKey("embedder", Embedder)
 LIBRARY = web.AppKey("library", Library)
 INGEST = web.AppKey("ingest", IngestService)
 LLM = web.AppKey("llm", LlmEngine | RemoteLlm)
-ANSWERS = web.AppKey("answers", AnswerEngine)
+ANSWERS = web.AppKey("answers", Answers)
 CONVERSATIONS = web.AppKey("conversations", Conversations)
-CONNECTIONS = web.AppKey("connections", weakref.WeakSet["Connection"])
+CONNECTIONS = web.AppKey("connections", set["Connection"])

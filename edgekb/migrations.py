@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from .errors import SchemaTooNew
+
 MIGRATIONS: list[str] = [
     # 1: documents and their chunks; vectors live beside the text so the index can be rebuilt.
     """
@@ -92,12 +94,65 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX turns_session ON turns(session_id, id);
     """,
+    # 4: documents are published whole (store.py): a new version is written as `staging` in
+    # small transactions beside the old one, then swapped in. UNIQUE(kb, path) becomes a
+    # partial index over published documents, which needs the table rebuilt (SQLite's
+    # documented procedure; foreign keys are off while migrating). The FTS triggers name the
+    # table, so they are dropped and made again around the rebuild.
+    """
+    DROP TRIGGER chunks_ai;
+    DROP TRIGGER chunks_ad;
+    CREATE TABLE documents_new (
+        id INTEGER PRIMARY KEY,
+        kb TEXT NOT NULL,
+        path TEXT NOT NULL,
+        title TEXT NOT NULL,
+        format TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        chunk_count INTEGER NOT NULL,
+        ingested_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'ready'   -- staging | ready | retired
+    );
+    INSERT INTO documents_new (id, kb, path, title, format, sha256, size, chunk_count,
+                               ingested_at)
+        SELECT id, kb, path, title, format, sha256, size, chunk_count, ingested_at
+        FROM documents;
+    DROP TABLE documents;
+    ALTER TABLE documents_new RENAME TO documents;
+    CREATE UNIQUE INDEX documents_published ON documents(kb, path) WHERE state = 'ready';
+    CREATE INDEX documents_kb ON documents(kb, state);
+    CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
+        INSERT INTO chunks_fts (rowid, title, heading, text)
+            SELECT new.id, d.title, new.heading, new.text FROM documents d WHERE d.id = new.doc_id;
+        INSERT INTO chunks_trigram (rowid, text) VALUES (new.id, new.text);
+    END;
+    CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
+        DELETE FROM chunks_fts WHERE rowid = old.id;
+        DELETE FROM chunks_trigram WHERE rowid = old.id;
+    END;
+    """,
 ]
 
 
 def migrate(conn: sqlite3.Connection) -> None:
-    """Bring the schema up to date, one transaction per migration."""
+    """Bring the schema up to date, one transaction per migration; refuse a newer one."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
-    for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-        # executescript commits first; the explicit BEGIN makes each step all-or-nothing.
-        conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+    if version > len(MIGRATIONS):
+        raise SchemaTooNew(f"the data dir was written by a newer edgekb (schema {version}, "
+                           f"this one knows {len(MIGRATIONS)}); upgrade edgekb or restore a "
+                           "backup made by this version")
+    if version == len(MIGRATIONS):
+        return
+    # Table rebuilds must not cascade: foreign keys are off while migrating (it cannot change
+    # inside a transaction), and checked before they are turned back on.
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            # executescript commits first; the explicit BEGIN makes each step all-or-nothing.
+            conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;")
+        broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise sqlite3.IntegrityError(f"foreign keys broken after migrating: {broken[:5]}")
+    finally:
+        conn.execute("PRAGMA foreign_keys=ON")

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from . import keys
-from .protocol import encode
+from .events import encode
 
 
 async def broadcast(app: web.Application, message: dict[str, Any]) -> None:

@@ -1,7 +1,9 @@
-"""The edgekb.v1 conversation protocol: client messages, their validation, server events.
+"""The edgekb.v2 conversation protocol: client messages and their validation (server events are
+built in events.py).
 
-Transport-free: it turns text into typed messages and events into dicts, and knows nothing of
-sockets, so WebSocket, SSE and tests share one definition of the wire.
+Transport-free: it turns text into typed messages and knows nothing of sockets, so WebSocket,
+SSE and tests share one definition of the wire. Every id is matched whole (``fullmatch``: a
+trailing newline is not part of a valid id).
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .errors import EdgekbError, ProtocolError
+from .errors import ProtocolError
 
-PROTOCOL = "edgekb.v1"
+# v2 (2026-12): one `source` event per source, `done` without the text, every request event
+# within events.MAX_EVENT_BYTES, `welcome.running`. v1 clients would miss sources and text.
+PROTOCOL = "edgekb.v2"
 MAX_QUESTION_CHARS = 4000
 
 # Error codes a client can see.
@@ -24,9 +28,9 @@ TOO_LARGE = "too_large"
 UNKNOWN_REQUEST = "unknown_request"
 ID_REUSE = "id_reuse"
 
-_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
-_KB = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-_SESSION = re.compile(r"^[A-Za-z0-9_\-]{8,64}$")
+_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+_KB = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+_SESSION = re.compile(r"[A-Za-z0-9_\-]{8,64}")
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> ClientMessage:
         message = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(BAD_JSON, f"not valid JSON: {exc}") from None
+    except RecursionError:  # nested thousands deep: json gives up before we would
+        raise ProtocolError(BAD_JSON, "JSON nested too deeply") from None
     if not isinstance(message, dict):
         raise ProtocolError(BAD_JSON, "a message must be a JSON object")
     kind = message.get("type")
@@ -98,7 +104,7 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> ClientMessage:
             raise _invalid(message, "text", f"at most {MAX_QUESTION_CHARS} characters")
         kbs = message.get("kbs")
         if kbs is not None and not (isinstance(kbs, list) and 0 < len(kbs) <= 32 and all(
-                isinstance(k, str) and _KB.match(k) for k in kbs)):
+                isinstance(k, str) and _KB.fullmatch(k) for k in kbs)):
             raise _invalid(message, "kbs", "a list of knowledge base names")
         return Ask(_request_id(message), text.strip(), tuple(kbs) if kbs else None)
     if kind == "cancel":
@@ -134,10 +140,10 @@ def _resume(message: dict[str, Any]) -> Resume:
 
 def _hello(message: dict[str, Any]) -> Hello:
     session = message.get("session")
-    if session is not None and not (isinstance(session, str) and _SESSION.match(session)):
+    if session is not None and not (isinstance(session, str) and _SESSION.fullmatch(session)):
         raise _invalid(message, "session", "8-64 characters of A-Z a-z 0-9 _ -")
     client = message.get("client")
-    if client is not None and not (isinstance(client, str) and _ID.match(client)):
+    if client is not None and not (isinstance(client, str) and _ID.fullmatch(client)):
         raise _invalid(message, "client", "1-64 characters of A-Z a-z 0-9 _ . : -")
     resumes = message.get("resume", [])
     if not isinstance(resumes, list) or len(resumes) > MAX_RESUMES:
@@ -153,7 +159,7 @@ def _invalid_raise(field: str) -> Resume:
 
 def _request_id(message: dict[str, Any]) -> str:
     value = message.get("id")
-    if not isinstance(value, str) or not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise ProtocolError(INVALID_FIELD, "id: expected 1-64 characters of A-Z a-z 0-9 _ . : -",
                             field="id")
     return value
@@ -167,20 +173,8 @@ def _invalid(message: dict[str, Any], field: str, expected: str) -> ProtocolErro
 def _echo_id(message: dict[str, Any]) -> dict[str, str]:
     """Echo a well-formed id so the client can match the error to its request."""
     value = message.get("id")
-    return {"id": value} if isinstance(value, str) and _ID.match(value) else {}
+    return {"id": value} if isinstance(value, str) and _ID.fullmatch(value) else {}
 
 
 def valid_session_id(value: str) -> bool:
-    return bool(_SESSION.match(value))
-
-
-def event(kind: str, **fields: Any) -> dict[str, Any]:
-    return {"type": kind, **fields}
-
-
-def error_event(error: EdgekbError, **fields: Any) -> dict[str, Any]:
-    return {"type": "error", **fields, **error.to_wire()}
-
-
-def encode(message: dict[str, Any]) -> str:
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"))
+    return bool(_SESSION.fullmatch(value))

@@ -23,12 +23,15 @@ MAX_REMEMBERED_USERS = 1024
 
 
 @dataclass(eq=False)
-class _Waiter:
+class Ticket:
+    """A place in the queue."""
+
     user: str
     on_position: PositionCallback
     granted: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop()
                                           .create_future())
     position: int = -1
+    released: bool = False
 
 
 class FairQueue:
@@ -37,34 +40,20 @@ class FairQueue:
         self.max_per_user = max_per_user
         self._slots = slots
         self._free = slots
-        self._users: dict[str, deque[_Waiter]] = {}
+        self._users: dict[str, deque[Ticket]] = {}
         # When each user was last served: the least recently served goes first. Bounded LRU.
         self._served: OrderedDict[str, int] = OrderedDict()
         self._tick = 0
-        self._service_s = 10.0  # moving average of slot hold time, for retry-after
+        self.service_s = 10.0  # moving average of slot hold time, for retry-after
 
     @property
     def waiting(self) -> int:
         return sum(len(q) for q in self._users.values())
 
-    @asynccontextmanager
-    async def slot(self, user: str, on_position: PositionCallback) -> AsyncIterator[None]:
-        """Hold the LLM slot for the body; reports positions while waiting."""
-        waiter = self._enqueue(user, on_position)
-        try:
-            await waiter.granted
-        except BaseException:
-            if not self._remove(waiter):  # granted just as we were cancelled: hand it on
-                self._release()
-            raise
-        started = time.monotonic()
-        try:
-            yield
-        finally:
-            self._service_s = 0.8 * self._service_s + 0.2 * (time.monotonic() - started)
-            self._release()
-
-    def _enqueue(self, user: str, on_position: PositionCallback) -> _Waiter:
+    def enqueue(self, user: str, on_position: PositionCallback) -> Ticket:
+        """Take a place in the queue now, or raise ``Busy`` (nothing else has happened yet, so a
+        refusal leaves no trace). ``hold`` then waits for the slot; ``withdraw`` gives the place
+        up if the request never gets that far."""
         mine = self._users.get(user)
         if self.waiting >= self.max_waiting:
             raise Busy(f"the answer queue is full ({self.max_waiting} waiting)",
@@ -72,16 +61,42 @@ class FairQueue:
         if mine is not None and len(mine) >= self.max_per_user:
             raise Busy(f"you already have {len(mine)} questions waiting",
                        retry_after=self._retry_after(len(mine)))
-        waiter = _Waiter(user, on_position)  # position -1: its first announcement always goes
-        self._users.setdefault(user, deque()).append(waiter)
+        ticket = Ticket(user, on_position)  # position -1: its first announcement always goes
+        self._users.setdefault(user, deque()).append(ticket)
         self._dispatch()
         self._announce()
-        return waiter
+        return ticket
+
+    @asynccontextmanager
+    async def hold(self, ticket: Ticket) -> AsyncIterator[None]:
+        """Hold the LLM slot for the body; reports positions while waiting."""
+        try:
+            await ticket.granted
+        except BaseException:
+            self.withdraw(ticket)
+            raise
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.service_s = 0.8 * self.service_s + 0.2 * (time.monotonic() - started)
+            ticket.released = True
+            self._release()
+
+    def withdraw(self, ticket: Ticket) -> None:
+        """Give up a place that ``hold`` never used (or left while waiting)."""
+        if not self._remove(ticket) and ticket.granted.done() and not ticket.released:
+            self._release()  # granted just as it was given up: hand the slot on
+        ticket.released = True
+
+    def wait_s(self, position: int) -> float:
+        """Estimated seconds until a request at ``position`` starts."""
+        return position * self.service_s
 
     def _retry_after(self, ahead: int) -> float:
-        return round(max(1.0, ahead * self._service_s), 1)
+        return round(max(1.0, ahead * self.service_s), 1)
 
-    def _remove(self, waiter: _Waiter) -> bool:
+    def _remove(self, waiter: Ticket) -> bool:
         mine = self._users.get(waiter.user)
         if mine is None or waiter not in mine:
             return False
@@ -107,6 +122,8 @@ class FairQueue:
             waiter = mine.popleft()
             if not mine:
                 del self._users[user]
+            if waiter.granted.done():  # its task was cancelled while waiting; it withdraws
+                continue
             self._tick += 1
             self._served[user] = self._tick
             self._served.move_to_end(user)
@@ -117,7 +134,7 @@ class FairQueue:
             waiter.granted.set_result(None)
             waiter.on_position(0)
 
-    def order(self) -> list[_Waiter]:
+    def order(self) -> list[Ticket]:
         """Waiters in the order they will be served: round-robin over users."""
         queues = [list(self._users[u]) for u in self._rotation()]
         depth = max((len(q) for q in queues), default=0)

@@ -12,6 +12,7 @@ from aiohttp import web
 from .app import create_app
 from .config import Settings
 from .datadir import exclusive
+from .http_errors import AppRunner
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ async def serve(settings: Settings) -> None:
     with exclusive(settings.data_dir, "edgekb serve"):
         app = create_app(settings)
         # Handlers close their sockets within ws.CLOSE_WAIT_S of the shutdown notice.
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
+        runner = AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=10)
         await runner.setup()  # runs every cleanup_ctx start-up: models, index, store
         try:
             site = web.TCPSite(runner, settings.server.host, settings.server.port)

@@ -1,7 +1,8 @@
-"""Conversations in SQLite: sessions, requests with their event logs, and finished turns.
+"""Conversations in SQLite: sessions, requests with their event logs, and ended turns.
 
-Blocking functions over a ``Store``; the server calls them on the store's threads. A request's
-events are stored as sent, so a resume replays exactly the frames a live client saw.
+Blocking functions over a ``Store``; only the conversation core (conversations.py) calls them,
+on the store's threads. A request's events are stored as sent, so a resume replays exactly the
+frames a live client saw.
 """
 
 from __future__ import annotations
@@ -12,8 +13,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .protocol import encode
+from .errors import EdgekbError
+from .events import encode
 from .store import Store
+
+# Only these endings are answers a later prompt may build on; a cancelled, failed or refused
+# request left no answer (an empty one in a prompt teaches the model to answer nothing).
+FINISHED = ("stop", "length")
 
 
 @dataclass(frozen=True)
@@ -32,36 +38,6 @@ class Turn:
                 "at": round(self.created_at, 3)}
 
 
-def new_session_id() -> str:
-    return secrets.token_urlsafe(16)
-
-
-def open_session(store: Store, session_id: str, user: str | None) -> bool:
-    """Create the session or touch it; True when it already existed."""
-    now = time.time()
-    with store.transaction():
-        existed = store.conn.execute("SELECT 1 FROM sessions WHERE id=?",
-                                     (session_id,)).fetchone() is not None
-        store.conn.execute(
-            "INSERT INTO sessions (id, user, created_at, updated_at) VALUES (?,?,?,?)"
-            " ON CONFLICT(id) DO UPDATE SET updated_at=excluded.updated_at",
-            (session_id, user, now, now))
-    return existed
-
-
-def session_exists(store: Store, session_id: str) -> bool:
-    return store.conn.execute("SELECT 1 FROM sessions WHERE id=?",
-                              (session_id,)).fetchone() is not None
-
-
-def begin_request(store: Store, session_id: str, request_id: str, question: str) -> bool:
-    """Record a new request; False when the id was already used in this session."""
-    cur = store.conn.execute(
-        "INSERT OR IGNORE INTO requests (session_id, id, question, state, created_at)"
-        " VALUES (?,?,?,?,?)", (session_id, request_id, question, "running", time.time()))
-    return cur.rowcount == 1
-
-
 @dataclass(frozen=True)
 class Ending:
     """How a request ended, stored with its last event: state of the request and its turn."""
@@ -72,11 +48,44 @@ class Ending:
     finish: str
 
 
+class SessionTaken(EdgekbError):
+    """A session id of another user; never says more (whether it exists is not theirs)."""
+
+    code = "not_found"
+
+
+def new_session_id() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def session_owner(store: Store, session_id: str) -> str | None:
+    row = store.conn.execute("SELECT user FROM sessions WHERE id=?", (session_id,)).fetchone()
+    return row[0] if row else None
+
+
+def begin_request(store: Store, session_id: str, user: str, request_id: str,
+                  question: str) -> bool:
+    """Record a new request (and its session, at its first question); False when the id was
+    already used in this session."""
+    now = time.time()
+    with store.transaction():
+        owner = session_owner(store, session_id)
+        if owner is None:
+            store.conn.execute("INSERT INTO sessions (id, user, created_at, updated_at)"
+                               " VALUES (?,?,?,?)", (session_id, user, now, now))
+        elif owner != user:
+            raise SessionTaken(f"no session {session_id!r}")
+        cur = store.conn.execute(
+            "INSERT OR IGNORE INTO requests (session_id, id, question, state, created_at)"
+            " VALUES (?,?,?,?,?)", (session_id, request_id, question, "running", now))
+        return cur.rowcount == 1
+
+
 def append_events(store: Store, session_id: str, request_id: str,
                   frames: list[tuple[int, str]], ending: Ending | None = None) -> None:
     """Append encoded events (seq, frame) to a request's log; with ``ending``, also end the
     request and keep it as a turn of the session, in the same transaction (a reader never
-    sees `done` without the turn)."""
+    sees the last event without the turn)."""
     with store.transaction():
         store.conn.executemany(
             "INSERT OR IGNORE INTO events (session_id, request_id, seq, body) VALUES (?,?,?,?)",
@@ -113,29 +122,40 @@ def frames_after(store: Store, session_id: str, request_id: str, after: int,
         " LIMIT ?", (session_id, request_id, after, limit)).fetchall()
 
 
-def turns(store: Store, session_id: str, before: int | None, limit: int) -> list[Turn]:
-    """The newest ``limit`` turns older than turn ``before``, oldest first."""
+def turns(store: Store, session_id: str, before: int | None, limit: int,
+          finished_only: bool = False) -> list[Turn]:
+    """The newest ``limit`` turns older than turn ``before``, oldest first; with
+    ``finished_only``, only those that ended with an answer (what a prompt may use)."""
+    finished = f" AND finish IN {FINISHED}" if finished_only else ""
     rows = store.conn.execute(
         "SELECT id, request_id, question, answer, sources, finish, created_at FROM turns"
-        " WHERE session_id=? AND id<? ORDER BY id DESC LIMIT ?",
+        f" WHERE session_id=? AND id<?{finished} ORDER BY id DESC LIMIT ?",
         (session_id, before if before is not None else 1 << 62, limit)).fetchall()
     return [Turn(r[0], r[1], r[2], r[3], json.loads(r[4]), r[5], r[6]) for r in reversed(rows)]
 
 
+def logged_text(frames: list[str]) -> tuple[str, list[dict[str, Any]]]:
+    """The answer text and the sources of a request's encoded events."""
+    events = [json.loads(frame) for frame in frames]
+    text = "".join(e["text"] for e in events if e["type"] == "delta")
+    sources = [{k: v for k, v in e.items() if k not in ("type", "id", "seq")}
+               for e in events if e["type"] == "source"]
+    return text, sources
+
+
 def interrupt_running(store: Store) -> int:
-    """After a restart: end every request that was cut off with a typed error that carries
-    the text generated so far, and keep it as a turn. Returns how many."""
+    """After a restart: end every request that was cut off with a typed error, and keep what it
+    had written as a turn. Returns how many."""
     running = store.conn.execute(
         "SELECT session_id, id, question, last_seq FROM requests WHERE state='running'"
     ).fetchall()
     for session_id, request_id, question, last_seq in running:
-        events = [json.loads(frame) for _, frame in
-                  frames_after(store, session_id, request_id, 0, last_seq + 1)]
-        text = "".join(e.get("text", "") for e in events if e["type"] == "delta")
-        sources = next((e["sources"] for e in events if e["type"] == "sources"), [])
-        error = {"type": "error", "id": request_id, "seq": last_seq + 1, "code": "interrupted",
+        frames = [frame for _, frame in frames_after(store, session_id, request_id, 0,
+                                                     last_seq + 1)]
+        text, sources = logged_text(frames)
+        error = {"type": "error", "code": "interrupted", "chars": len(text),
                  "message": "the server restarted while this answer was being written",
-                 "text": text}
-        append_events(store, session_id, request_id, [(error["seq"], encode(error))],
+                 "id": request_id, "seq": last_seq + 1}
+        append_events(store, session_id, request_id, [(last_seq + 1, encode(error))],
                       Ending("interrupted", question, text, sources, "interrupted"))
     return len(running)

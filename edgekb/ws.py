@@ -1,10 +1,11 @@
-"""The WebSocket transport of protocol edgekb.v1: moves events, computes nothing.
+"""The WebSocket transport of protocol edgekb.v2: moves frames, computes nothing.
 
-One task reads the socket. Requests run on their own (conversations.py); a connection follows
-each request it asked or resumed with one task that reads the request's log from a cursor and
-hands frames to this connection's single writer through a small bounded queue. A slow reader
-therefore slows only its own followers, and a send that stays blocked for send_timeout_s drops
-the connection (close 4010): the client resumes where it stopped.
+One task reads the socket and turns each frame into a call of the conversation core
+(conversations.py). A connection follows each request it asked or resumed with one task that
+reads the request's log from a cursor and hands frames to this connection's single writer
+through a small bounded queue. A slow reader therefore slows only its own followers, and a send
+that stays blocked for send_timeout_s drops the connection (close 4010): the client resumes
+where it stopped. One sweeper task (``sweep``) checks every connection's heartbeat and idle time.
 
 Whatever ends a connection (the peer, the writer, the heartbeat, a take-over, shutdown) ends all
 of its tasks, and the close never waits long on a peer that does not read: after CLOSE_WAIT_S
@@ -18,31 +19,28 @@ import contextlib
 import logging
 import socket
 import struct
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from . import __version__, keys, sessions
-from .conversations import Conversations
-from .errors import EdgekbError, ProtocolError
-from .heartbeat import Heartbeat
+from . import __version__, events, keys
+from .conversations import Conversations, Opened
+from .errors import EdgekbError
+from .heartbeat import Heartbeat, sweep_step
 from .protocol import (
     CLOSE_IDLE,
     CLOSE_TAKEN_OVER,
     CLOSE_TOO_SLOW,
     PROTOCOL,
-    UNKNOWN_REQUEST,
     Ask,
     Cancel,
     Hello,
     History,
     Ping,
     Resume,
-    encode,
-    error_event,
-    event,
     parse_client_message,
-    valid_session_id,
 )
 
 log = logging.getLogger(__name__)
@@ -55,18 +53,23 @@ CLOSE_WAIT_S = 5.0  # for the close handshake; then the socket is aborted
 
 
 class Connection:
-    def __init__(self, request: web.Request, ws: web.WebSocketResponse,
-                 session_id: str) -> None:
+    def __init__(self, request: web.Request, ws: web.WebSocketResponse, user: str,
+                 opened: Opened) -> None:
         self.app = request.app
         self.settings = request.app[keys.SETTINGS]
-        self.conversations: Conversations = request.app[keys.CONVERSATIONS]
+        self.core: Conversations = request.app[keys.CONVERSATIONS]
         self.ws = ws
-        self.session_id = session_id
+        self.user = user
+        self.session_id = opened.session
         self.client_id: str | None = None
-        self.user = request.remote or "local"  # until authentication names users
         self.outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_FRAMES)
         self.followers: dict[str, asyncio.Task[None]] = {}
-        self.last_message = asyncio.get_running_loop().time()
+        self.last_message = time.monotonic()
+        server = self.settings.server
+        self.heartbeat = Heartbeat(server.heartbeat_s, server.pong_timeout_s,
+                                   request.transport.get_extra_info("socket")
+                                   if request.transport else None)
+        self._pinging: asyncio.Task[None] | None = None
         # Set once, by whatever ends the connection first: the close code and reason to send.
         self.ending: asyncio.Future[tuple[int, bytes]] = \
             asyncio.get_running_loop().create_future()
@@ -77,7 +80,7 @@ class Connection:
             self.ending.set_result((code, reason))
 
     async def send(self, message: dict[str, Any]) -> None:
-        await self.outbox.put(encode(message))
+        await self.outbox.put(events.encode(message))
 
     async def send_frame(self, frame: str) -> None:
         """An event already encoded (a request's events are encoded once, for everyone)."""
@@ -96,76 +99,57 @@ class Connection:
                 self.end(WSCloseCode.ABNORMAL_CLOSURE, b"")
                 return
 
-    async def welcome(self, resumed: bool) -> None:
+    async def welcome(self, opened: Opened) -> None:
         server = self.settings.server
-        await self.send(event(
-            "welcome", protocol=PROTOCOL, server=f"edgekb {__version__}",
-            session=self.session_id, resumed=resumed,
+        await self.send(events.welcome(
+            session=opened.session, resumed=opened.resumed, protocol=PROTOCOL,
+            server=f"edgekb {__version__}", running=opened.running,
             limits={"max_message_bytes": server.max_message_bytes,
                     "idle_timeout_s": server.idle_timeout_s},
             heartbeat={"interval_s": server.heartbeat_s, "timeout_s": server.pong_timeout_s}))
 
     async def handle(self, raw: str | bytes) -> None:
-        self.last_message = asyncio.get_running_loop().time()
+        self.last_message = time.monotonic()
         try:
-            message = parse_client_message(raw, self.settings.server.max_message_bytes)
-            await self._dispatch(message)
+            await self._dispatch(parse_client_message(raw, self.settings.server.max_message_bytes))
         except EdgekbError as exc:
-            await self.send(error_event(exc))
+            await self.send(events.error(exc))
         except Exception:  # a bug: the client gets `internal`, the connection lives on
             log.exception("handling a frame of session %s failed", self.session_id)
-            await self.send(error_event(EdgekbError("internal error")))
+            await self.send(events.error(EdgekbError("internal error")))
 
     async def _dispatch(self, message: object) -> None:
         if isinstance(message, Ping):
-            await self.send(event("pong"))
+            await self.send(events.pong())
         elif isinstance(message, Ask):
-            await self.app[keys.STORE].write(
-                lambda db: sessions.open_session(db, self.session_id, self.user))
-            await self.conversations.ask(self.session_id, self.user, message.id, message.text,
-                                         message.kbs)
+            await self.core.ask(self.session_id, self.user, message.id, message.text,
+                                message.kbs)
             self._follow(message.id, 0)
         elif isinstance(message, Cancel):
-            await self.conversations.cancel(self.session_id, message.id)
+            await self.core.cancel(self.session_id, message.id)
         elif isinstance(message, Resume):
-            await self._resume(message)
+            self._follow(message.id, message.after)
         elif isinstance(message, Hello):
             await self._hello(message)
         elif isinstance(message, History):
-            turns = await self.app[keys.STORE].read(lambda db: sessions.turns(
-                db, self.session_id, message.before, message.limit + 1))
-            more = len(turns) > message.limit
-            turns = turns[-message.limit:]
-            await self.send(event("history", session=self.session_id,
-                                  turns=[t.to_wire() for t in turns], more=more))
+            turns, more = await self.core.history(self.session_id, message.before,
+                                                  message.limit)
+            await self.send(events.history(self.session_id, [t.to_wire() for t in turns], more))
 
     async def _hello(self, hello: Hello) -> None:
-        for task in self.followers.values():
-            task.cancel()
-        self.followers.clear()
-        self.session_id = hello.session or sessions.new_session_id()
-        existed = await self.app[keys.STORE].read(
-            lambda db: sessions.session_exists(db, self.session_id))
+        await self.close_followers()
+        opened = await self.core.open(self.user, hello.session)
+        self.session_id = opened.session
         self.client_id = hello.client
         if hello.client:
-            await _take_over(self.app, self)
-        await self.welcome(existed)
+            _take_over(self.app, self)
+        await self.welcome(opened)
         for resume in hello.resume:
-            await self._resume(resume)
-
-    async def _resume(self, resume: Resume) -> None:
-        if resume.id in self.followers:
-            self.followers.pop(resume.id).cancel()
-        # Checked before following, so an unknown id is a typed error, not a silent nothing.
-        known = (self.session_id, resume.id) in self.conversations.live or \
-            await self.app[keys.STORE].read(
-                lambda db: sessions.request_state(db, self.session_id, resume.id)) is not None
-        if not known:
-            raise ProtocolError(UNKNOWN_REQUEST, f"no request {resume.id!r} in this session",
-                                id=resume.id)
-        self._follow(resume.id, resume.after)
+            self._follow(resume.id, resume.after)
 
     def _follow(self, request_id: str, after: int) -> None:
+        if request_id in self.followers:
+            self.followers.pop(request_id).cancel()
         task = asyncio.create_task(self._follow_task(request_id, after))
         self.followers[request_id] = task
         task.add_done_callback(lambda t: self.followers.pop(request_id, None)
@@ -173,15 +157,27 @@ class Connection:
 
     async def _follow_task(self, request_id: str, after: int) -> None:
         try:
-            await self.conversations.follow(self.session_id, request_id, after,
-                                            self.send_frame)
+            await self.core.follow(self.session_id, request_id, after, self.send_frame)
         except EdgekbError as exc:
-            await self.send(error_event(exc))
+            await self.send(events.error(exc))
 
-    def idle(self) -> bool:
+    def check(self, now: float) -> None:
+        """The sweeper's look at this connection: ping, or end it when dead or idle."""
+        if self.ending.done():
+            return
+        state = self.heartbeat.check(now)
+        if state == "dead":
+            log.info("peer of session %s is gone: closing", self.session_id)
+            self.end(WSCloseCode.GOING_AWAY, b"no heartbeat")
+        elif state == "ping" and (self._pinging is None or self._pinging.done()):
+            self._pinging = asyncio.create_task(self._ping())
         limit = self.settings.server.idle_timeout_s
-        quiet = asyncio.get_running_loop().time() - self.last_message
-        return limit > 0 and quiet > limit and not self.followers
+        if limit > 0 and now - self.last_message > limit and not self.followers:
+            self.end(CLOSE_IDLE, b"idle timeout")
+
+    async def _ping(self) -> None:
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.ws.ping()
 
     async def close_followers(self) -> None:
         tasks = list(self.followers.values())
@@ -190,7 +186,7 @@ class Connection:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _take_over(app: web.Application, newcomer: Connection) -> None:
+def _take_over(app: web.Application, newcomer: Connection) -> None:
     """A client reconnecting with the same client id replaces its older connection at once:
     on flaky Wi-Fi the old one is usually dead but not yet detected."""
     for other in list(app[keys.CONNECTIONS]):
@@ -199,24 +195,27 @@ async def _take_over(app: web.Application, newcomer: Connection) -> None:
             other.end(CLOSE_TAKEN_OVER, b"taken over by a newer connection")
 
 
-async def _watch(conn: Connection, heartbeat: Heartbeat) -> None:
-    """End the connection when the peer is dead or idle too long."""
-    dead = asyncio.create_task(heartbeat.run())
-    try:
-        while not dead.done():
-            await asyncio.wait([dead], timeout=1.0)
-            if conn.idle():
-                conn.end(CLOSE_IDLE, b"idle timeout")
-                return
-        log.info("peer of session %s is gone: closing", conn.session_id)
-        conn.end(WSCloseCode.GOING_AWAY, b"no heartbeat")
-    finally:
-        dead.cancel()
+async def sweep(app: web.Application) -> AsyncIterator[None]:
+    """cleanup_ctx: one task looks at every connection's heartbeat and idle time."""
+    server = app[keys.SETTINGS].server
+    step = sweep_step(server.heartbeat_s, server.pong_timeout_s)
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            for conn in list(app[keys.CONNECTIONS]):
+                conn.check(now)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
-async def _read(conn: Connection, heartbeat: Heartbeat) -> None:
+async def _read(conn: Connection) -> None:
     async for msg in conn.ws:
-        heartbeat.saw_inbound()
+        conn.heartbeat.saw_inbound()
         if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
             await conn.handle(msg.data)
         elif msg.type == WSMsgType.PING:
@@ -251,24 +250,19 @@ def _reset(transport: asyncio.Transport) -> None:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     settings = app[keys.SETTINGS]
-    requested = request.query.get("session")
+    user = request.remote or "local"  # until authentication names users
+    opened = await app[keys.CONVERSATIONS].open(user, request.query.get("session"))
     ws = web.WebSocketResponse(
         protocols=(PROTOCOL,), autoping=False, compress=settings.server.compress,
         max_msg_size=max(HARD_FRAME_CAP, settings.server.max_message_bytes))
     await ws.prepare(request)
-    session_id = requested if requested and valid_session_id(requested) \
-        else sessions.new_session_id()
-    # A session row is written with its first question, not per connection.
-    existed = await app[keys.STORE].read(lambda db: sessions.session_exists(db, session_id))
-    conn = Connection(request, ws, session_id)
+    conn = Connection(request, ws, user, opened)
+    # A plain set, not a WeakSet: a closed connection leaves at once (its reference cycles would
+    # keep it in a WeakSet until the garbage collector runs, pinged and counted meanwhile).
     app[keys.CONNECTIONS].add(conn)
-    heartbeat = Heartbeat(settings.server.heartbeat_s, settings.server.pong_timeout_s,
-                          ws.ping, request.transport.get_extra_info("socket")
-                          if request.transport else None)
-    await conn.welcome(existed)
-    tasks = [asyncio.create_task(conn.write_loop()), asyncio.create_task(_watch(conn, heartbeat)),
-             asyncio.create_task(_read(conn, heartbeat))]
+    tasks = [asyncio.create_task(conn.write_loop()), asyncio.create_task(_read(conn))]
     try:
+        await conn.welcome(opened)
         # The reader ends when the peer closes; the others end the connection through `end`.
         await asyncio.wait([*tasks, conn.ending], return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -279,6 +273,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
             if isinstance(outcome, Exception):
                 log.error("a task of a connection of session %s failed", conn.session_id,
                           exc_info=outcome)
+        app[keys.CONNECTIONS].discard(conn)
         code, reason = conn.ending.result() if conn.ending.done() else (WSCloseCode.OK, b"")
         await _close(ws, request.transport, code, reason)  # type: ignore[arg-type]
     return ws

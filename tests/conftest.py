@@ -23,6 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from edgekb import events as wire
 from edgekb.catalog import Catalog, default_manifest_path, fetch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,6 +133,7 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
         # asyncio.wait_for: aiohttp's own receive timeout restarts at every server ping.
         msg = await asyncio.wait_for(ws.receive(), max(0.1, deadline - time.monotonic()))
         assert msg.type == aiohttp.WSMsgType.TEXT, f"connection ended: {msg}"
+        assert not wire.problems(msg.data), (wire.problems(msg.data), msg.data)
         message = json.loads(msg.data)
         if message.get("id") != request_id:
             if "id" in message:
@@ -141,6 +143,19 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
         if message["type"] in ("done", "error"):
             return events
     raise AssertionError(f"no done/error for {request_id} within {timeout} s: {events}")
+
+
+def answer_text(events: list[dict[str, Any]]) -> str:
+    """The answer as the client assembles it from the deltas, checked against `done`."""
+    text = "".join(e["text"] for e in events if e["type"] == "delta")
+    if events and events[-1]["type"] == "done":
+        assert events[-1]["chars"] == len(text), "deltas do not add up to the answer"
+        assert events[-1]["sha256"] == wire.text_digest(text)
+    return text
+
+
+def sources_of(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [e for e in events if e["type"] == "source"]
 
 
 async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 30) -> dict[str, Any]:

@@ -10,7 +10,15 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import DEMO_QUESTION, Server, collect, edgekb_env, receive_json, start_server
+from conftest import (
+    DEMO_QUESTION,
+    Server,
+    answer_text,
+    collect,
+    edgekb_env,
+    receive_json,
+    start_server,
+)
 
 FOLLOW_UP = "What should I do if E-204 comes back after the restart?"
 
@@ -18,7 +26,7 @@ FOLLOW_UP = "What should I do if E-204 comes back after the restart?"
 async def connect(session: aiohttp.ClientSession, server: Server,
                   session_id: str | None = None) -> tuple[aiohttp.ClientWebSocketResponse, str]:
     url = server.ws_url + (f"?session={session_id}" if session_id else "")
-    ws = await session.ws_connect(url, protocols=("edgekb.v1",))
+    ws = await session.ws_connect(url, protocols=("edgekb.v2",))
     welcome = await receive_json(ws)
     return ws, welcome["session"]
 
@@ -50,7 +58,7 @@ async def test_stages_arrive_in_order_with_reading_progress(server: Server) -> N
         events = await ask(ws, "stages", DEMO_QUESTION)
         await ws.close()
     kinds = [e["type"] if e["type"] != "status" else e["stage"] for e in events]
-    order = ["queued", "retrieving", "sources", "reading", "generating", "delta", "done"]
+    order = ["queued", "retrieving", "source", "reading", "generating", "delta", "done"]
     firsts = [kinds.index(k) for k in order]
     assert firsts == sorted(firsts), kinds
     progress = [e["progress"] for e in events if e.get("stage") == "reading"]
@@ -111,7 +119,7 @@ async def test_cancel_stops_generation_and_the_next_request_starts(server: Serve
         assert done["type"] == "done" and done["finish"] == "cancelled"
         # Stopped within a token or two of the cancel, far below max_tokens.
         assert done["usage"]["completion_tokens"] < 40
-        assert done["text"] == "".join(e["text"] for e in seen + rest if e["type"] == "delta")
+        assert done["chars"] == len(answer_text(seen + rest))
         nxt = await collect(ws, "next")
         assert nxt[-1]["type"] == "done" and nxt[-1]["finish"] != "cancelled"
         await ws.close()
@@ -125,7 +133,7 @@ async def test_cancel_while_queued_leaves_the_queue(short_server: Server) -> Non
         await ws.send_json({"type": "cancel", "id": "waiting"})
         waited = await collect(ws, "waiting")
         assert waited[-1]["type"] == "done" and waited[-1]["finish"] == "cancelled"
-        assert not any(e["type"] in ("sources", "delta") for e in waited)
+        assert not any(e["type"] in ("source", "delta") for e in waited)
         assert (await collect(ws, "first"))[-1]["finish"] != "cancelled"
         await ws.close()
 
@@ -174,6 +182,6 @@ async def test_same_question_same_answer_in_deterministic_mode(short_server: Ser
     async with aiohttp.ClientSession() as http:
         for i in range(2):
             ws, _ = await connect(http, server)
-            texts.append((await ask(ws, f"det{i}", DEMO_QUESTION))[-1]["text"])
+            texts.append(answer_text(await ask(ws, f"det{i}", DEMO_QUESTION)))
             await ws.close()
     assert texts[0] == texts[1] and texts[0].strip()

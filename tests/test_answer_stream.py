@@ -6,32 +6,41 @@ import json
 
 import aiohttp
 
-from conftest import DEMO_QUESTION, Server, collect, edgekb_env, receive_json, run_edgekb
+from conftest import (
+    DEMO_QUESTION,
+    Server,
+    answer_text,
+    collect,
+    edgekb_env,
+    receive_json,
+    run_edgekb,
+    sources_of,
+)
 
 
 async def test_demo_question_streams_sources_then_answer(server: Server) -> None:
     async with aiohttp.ClientSession() as session, \
-            session.ws_connect(server.ws_url, protocols=("edgekb.v1",)) as ws:
-        assert ws.protocol == "edgekb.v1"
+            session.ws_connect(server.ws_url, protocols=("edgekb.v2",)) as ws:
+        assert ws.protocol == "edgekb.v2"
         welcome = await receive_json(ws)
-        assert welcome["type"] == "welcome" and welcome["protocol"] == "edgekb.v1"
+        assert welcome["type"] == "welcome" and welcome["protocol"] == "edgekb.v2"
         await ws.send_json({"type": "ask", "id": "r1", "text": DEMO_QUESTION})
         events = await collect(ws, "r1")
 
     kinds = [e["type"] for e in events]
     assert kinds[-1] == "done", events[-1]
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
-    sources = next(e for e in events if e["type"] == "sources")["sources"]
+    sources = sources_of(events)
     assert sources[0]["doc"] == "pump-manual.md"
     assert "Overpressure" in sources[0]["where"]
     # Neighbouring chunks of one section come as one source, not as overlapping halves.
     places = [(s["doc"], s["where"]) for s in sources]
     assert len(places) == len(set(places))
     first_delta = kinds.index("delta")
-    assert kinds.index("sources") < first_delta
+    assert kinds.index("source") < first_delta
     deltas = "".join(e["text"] for e in events if e["type"] == "delta")
     done = events[-1]
-    assert deltas.strip() and deltas == done["text"] and not deltas[0].isspace()
+    assert deltas.strip() and deltas == answer_text(events) and not deltas[0].isspace()
     assert done["usage"]["completion_tokens"] > 0
     assert done["timings"]["ttft_ms"] > 0 and done["timings"]["tokens_per_s"] > 0
 
@@ -47,7 +56,7 @@ async def test_malformed_messages_get_typed_errors_and_connection_lives(server: 
         (json.dumps({"type": "ask", "id": "big", "text": "x" * 70_000}), "too_large"),
     ]
     async with aiohttp.ClientSession() as session, \
-            session.ws_connect(server.ws_url, protocols=("edgekb.v1",)) as ws:
+            session.ws_connect(server.ws_url, protocols=("edgekb.v2",)) as ws:
         await receive_json(ws)  # welcome
         for frame, code in cases:
             await ws.send_str(frame)
@@ -73,7 +82,7 @@ def test_cli_ask_prints_sources_then_the_streamed_answer(server: Server, models_
                          check=True)
     events = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert events[0]["type"] == "welcome" and events[-1]["type"] == "done"
-    assert "".join(e["text"] for e in events if e["type"] == "delta") == events[-1]["text"]
+    assert answer_text(events)
 
 
 def test_page_is_served(server: Server) -> None:

@@ -50,7 +50,7 @@ def check_consistent(data_dir: Path, models_cache: Path) -> tuple[int, str]:
     store = Store(settings.db_path)
     try:
         library = open_library(settings, embedder)
-        outcome = library.get("default").load_or_rebuild(store, save=False)
+        outcome = library.get("default").load_or_rebuild(store)
         assert sorted(library.get("default")._ids) == store.chunk_ids("default")
     finally:
         store.close()

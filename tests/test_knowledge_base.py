@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Iterator
@@ -60,7 +61,7 @@ async def get_json(server: Server, path: str) -> Any:
 
 async def ask_sources(server: Server, text: str, kbs: list[str] | None) -> list[dict[str, Any]]:
     async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(server.ws_url, protocols=("edgekb.v1",))
+        ws = await http.ws_connect(server.ws_url, protocols=("edgekb.v2",))
         await receive_json(ws)
         message: dict[str, Any] = {"type": "ask", "id": "s", "text": text}
         if kbs is not None:
@@ -68,12 +69,12 @@ async def ask_sources(server: Server, text: str, kbs: list[str] | None) -> list[
         await ws.send_json(message)
         events = await collect(ws, "s")
         await ws.close()
-    return next(e for e in events if e["type"] == "sources")["sources"]
+    return [e for e in events if e["type"] == "source"]
 
 
 async def test_upload_reports_each_file_and_bad_files_harm_nothing(kb_server: Server) -> None:
     async with aiohttp.ClientSession() as http:
-        watcher = await http.ws_connect(kb_server.ws_url, protocols=("edgekb.v1",))
+        watcher = await http.ws_connect(kb_server.ws_url, protocols=("edgekb.v2",))
         await receive_json(watcher)
         status, lines = await upload(kb_server, "line-1", {
             "gv40.md": VALVE_DOC.encode(),
@@ -132,7 +133,10 @@ async def test_deleted_document_never_comes_back(kb_server: Server) -> None:
     async with aiohttp.ClientSession() as http, \
             http.delete(f"{kb_server.url}api/kbs/line-2/documents/{docs[0]['id']}") as response:
         assert response.status == 200
-    assert (await get_json(kb_server, "api/kbs/line-2/documents"))["documents"] == []
+    async with aiohttp.ClientSession() as http, \
+            http.get(f"{kb_server.url}api/kbs/line-2/documents") as response:
+        assert response.status == 404  # its only document gone, the knowledge base is too
+        assert (await response.json())["error"]["code"] == "not_found"
     sources = await ask_sources(kb_server, "gland nut torque gv40.stroke.turns", ["line-2"])
     assert sources == []
 
@@ -163,3 +167,102 @@ def test_folder_sync_adds_updates_and_removes(tmp_path: Path, models_cache: Path
     keyword = run_edgekb(["search", "gv40.stroke.turns", "--mode", "keyword", "--kb", "plant",
                           *data], env, check=True)
     assert keyword.stdout.startswith("[1] ") and "valve.md" in keyword.stdout.splitlines()[0]
+
+
+async def test_a_broken_reupload_keeps_the_good_version(kb_server: Server) -> None:
+    status, lines = await upload(kb_server, "line-4", {"manual.md": VALVE_DOC.encode()})
+    assert status == 200 and lines[0]["status"] == "added"
+    stored = kb_server.data_dir / "docs" / "line-4" / "manual.md"
+    assert stored.read_bytes() == VALVE_DOC.encode()
+    status, lines = await upload(kb_server, "line-4", {"manual.md": bytes(range(256)) * 40})
+    assert lines[0]["status"] == "failed"
+    assert stored.read_bytes() == VALVE_DOC.encode(), "a failed re-upload replaced the good file"
+    assert [p.name for p in stored.parent.iterdir()] == ["manual.md"], "an orphan was left"
+    sources = await ask_sources(kb_server, "gland nut torque", ["line-4"])
+    assert sources and sources[0]["doc"] == "manual.md"
+    async with aiohttp.ClientSession() as http, \
+            http.post(f"{kb_server.url}api/kbs/line-4/reindex") as response:
+        lines = [json.loads(x) for x in (await response.text()).splitlines()]
+    assert [line["status"] for line in lines if line["type"] == "file"] == ["updated"]
+
+
+async def test_a_failed_part_of_an_upload_leaves_nothing(kb_server: Server) -> None:
+    status, lines = await upload(kb_server, "line-5", {"ok.md": VALVE_DOC.encode(),
+                                                       "huge.txt": b"word " * 300_000})
+    assert status == 413 and lines[0]["error"]["code"] == "too_large"
+    folder = kb_server.data_dir / "docs" / "line-5"
+    assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+
+
+async def test_hostile_uploads_get_typed_errors(kb_server: Server) -> None:
+    url = f"{kb_server.url}api/kbs/line-6/documents"
+    async with aiohttp.ClientSession() as http:
+        for name in (b"bad\x00name.md", b".hidden.md", b"long" * 60 + b".md"):
+            # Built by hand: aiohttp's client refuses to send a NUL in a header, curl does not.
+            body = (b"--XX\r\nContent-Disposition: form-data; name=file; filename=\"" + name +
+                    b"\"\r\n\r\n# x\n\ny\n\r\n--XX--\r\n")
+            async with http.post(url, data=body, headers={
+                    "Content-Type": "multipart/form-data; boundary=XX"}) as response:
+                reply = await response.json()
+                assert response.status == 400 and reply["error"]["code"] == "bad_upload", reply
+        broken = b"--XX\r\nContent-Disposition: form-data; name=file; filename=a.md\r\n" \
+            b"\r\nhalf a part and no closing boundary"
+        async with http.post(url, data=broken, headers={
+                "Content-Type": "multipart/form-data; boundary=XX"}) as response:
+            body = await response.json()
+            assert response.status == 400 and body["error"]["code"] == "bad_upload", body
+        async with http.post(url, data=b"{}", headers={
+                "Content-Type": "application/json"}) as response:
+            assert (await response.json())["error"]["code"] == "bad_upload"
+    folder = kb_server.data_dir / "docs" / "line-6"
+    assert not folder.exists() or not any(folder.iterdir()), list(folder.iterdir())
+
+
+async def test_errors_of_the_http_parser_have_the_json_body(kb_server: Server) -> None:
+    host, port = kb_server.url.split("//")[1].rstrip("/").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(b"GET /api/kbs HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(4096), 10)
+    finally:
+        writer.close()
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"400", head
+    assert json.loads(body)["error"]["code"] == "bad_request", body
+
+
+def test_a_folder_below_a_hidden_directory_is_ingested_and_synced_safely(
+        tmp_path: Path, models_cache: Path) -> None:
+    env = edgekb_env(models_cache)
+    folder = tmp_path / ".local" / "share" / "manuals"
+    (folder / ".drafts").mkdir(parents=True)
+    (folder / "valve.md").write_text(VALVE_DOC)
+    (folder / "pump.txt").write_text("Pump P-9\n\nPrime the pump before the first start.\n")
+    (folder / ".drafts" / "draft.md").write_text("# Draft\n\nNot for the shop floor.\n")
+    link = tmp_path / "manuals-link"
+    link.symlink_to(folder)
+    data = ["--data-dir", str(tmp_path / "data")]
+    first = run_edgekb(["ingest", str(link), "--kb", "plant", *data], env, check=True)
+    assert "2 added" in first.stderr and "draft.md" not in first.stderr, first.stderr
+    # A hidden file named on its own is ingested; a later folder sync must not remove it
+    # just because the folder filter does not see it.
+    run_edgekb(["ingest", str(folder / ".drafts" / "draft.md"), "--kb", "plant", *data], env,
+               check=True)
+    (folder / "pump.txt").unlink()
+    second = run_edgekb(["ingest", str(folder), "--kb", "plant", *data], env, check=True)
+    assert "1 unchanged, 1 removed" in second.stderr, second.stderr
+    listed = run_edgekb(["search", "shop floor draft", "--kb", "plant", "--json", *data], env,
+                        check=True)
+    assert any(json.loads(line)["doc"] == "draft.md" for line in listed.stdout.splitlines())
+
+
+def test_a_batch_that_finds_no_document_fails_and_says_so(tmp_path: Path,
+                                                          models_cache: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.odt").write_bytes(b"not a supported format")
+    result = run_edgekb(["ingest", str(empty), "--data-dir", str(tmp_path / "data")],
+                        edgekb_env(models_cache))
+    assert result.returncode != 0 and "no_documents" in result.stderr, result.stderr
+    assert "0 added" not in result.stderr

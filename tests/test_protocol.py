@@ -1,4 +1,4 @@
-"""The conversation protocol edgekb.v1 against the real server, through a fault-injecting proxy:
+"""The conversation protocol edgekb.v2 against the real server, through a fault-injecting proxy:
 exact resume over many cuts and across restarts, slow and silent peers, shared sessions,
 history, cancel.
 """
@@ -23,10 +23,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from conftest import DEMO_QUESTION, Server, edgekb_env, start_server
+from conftest import DEMO_QUESTION, Server, answer_text, edgekb_env, start_server
 from faultproxy import FaultProxy
 
-PROTOCOLS = ("edgekb.v1",)
+PROTOCOLS = ("edgekb.v2",)
 OTHER_QUESTION = "How do I verify zero energy?"
 ENDS = ("done", "error")
 MAX_FRAMES = 200_000  # bound on frames read by any one loop below
@@ -242,8 +242,8 @@ async def test_resume_reassembles_the_exact_answer_over_a_hundred_cuts(
         fast_server: Server, proxy_to: Any) -> None:
     async with aiohttp.ClientSession() as http:
         _, reference = await answer_in_new_session(http, fast_server.ws_url, "reference")
-        expected = reference.events[-1]["text"]
-        assert expected and text_of(reference.events) == expected
+        expected = answer_text(reference.events)
+        assert expected
 
         proxy = await proxy_to(fast_server)
         rng = random.Random(20251125)
@@ -257,11 +257,57 @@ async def test_resume_reassembles_the_exact_answer_over_a_hundred_cuts(
             assert text_of(events) == expected, (
                 f"ask {asks} after {cuts} cuts: reassembled text differs from the uninterrupted "
                 f"answer:\n{text_of(events)!r}\n!=\n{expected!r}")
-            assert done["text"] == expected
+            assert answer_text(events) == expected
             if total_cuts >= CUTS_WANTED:
                 break
     assert total_cuts >= CUTS_WANTED, f"only {total_cuts} cuts in {asks} asks"
     assert proxy.cuts >= CUTS_WANTED
+
+
+# --- 1b. a link that drops after every 1.5 KB -----------------------------------------------
+
+KILOBYTE_LINK = ("--set", "generation.max_tokens=48", "--set", "server.flush_interval_ms=0",
+                 "--set", "retrieval.k=4")
+CUT_EVERY_BYTES = 1536  # the whole budget of a connection: upgrade, welcome and events
+
+
+async def test_a_link_that_drops_every_kilobyte_still_delivers_the_whole_answer(
+        tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path, models_cache: Path,
+        proxy_to: Any) -> None:
+    srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "kilobyte", *KILOBYTE_LINK)
+    try:
+        async with aiohttp.ClientSession() as http:
+            _, reference = await answer_in_new_session(http, srv.ws_url, "reference")
+            proxy = await proxy_to(srv)
+            session: str | None = None
+            events: list[dict[str, Any]] = []
+            stalls = 0
+            for attempt in range(400):  # bounded: far more connections than events
+                proxy.cut_after(CUT_EVERY_BYTES)
+                before = len(events)
+                async with connect(http, proxy.ws_url(), session) as ws:
+                    welcome = await next_json(ws)
+                    session = welcome["session"]
+                    after = events[-1]["seq"] if events else 0
+                    await ws.send_json({"type": "ask", "id": "k", "text": DEMO_QUESTION}
+                                       if attempt == 0 else
+                                       {"type": "resume", "id": "k", "after": after})
+                    stream = await read_request(ws, "k", timeout=60)
+                proxy.cut_after(None)
+                for event in stream.events:
+                    assert event["seq"] == (events[-1]["seq"] if events else 0) + 1, event
+                    events.append(event)
+                if stream.ended:
+                    break
+                stalls += len(events) == before
+            else:
+                raise AssertionError(f"no end after 400 connections, at seq {events[-1]['seq']}")
+    finally:
+        srv.stop()
+    assert stalls == 0, f"{stalls} connections delivered 1.5 KB without a whole event"
+    assert proxy.cuts >= 3, "the answer should have needed several connections"
+    assert [e["type"] for e in events] == [e["type"] for e in reference.events]
+    assert answer_text(events) == answer_text(reference.events)
 
 
 # --- 2. resume of a finished answer, unknown ids, reused ids -------------------------------
@@ -374,9 +420,9 @@ async def _interrupt_then_resume(data_dir: Path, models_cache: Path, request_id:
     assert seqs(rest.events) == list(range(last + 1, last + 1 + len(rest.events)))
     end = rest.events[-1]
     assert end["type"] == "error" and end["code"] == "interrupted", end
-    assert end["text"] == text_of(seen + rest.events), (
-        "the interrupted error carries exactly the text that was written")
-    assert end["text"]
+    assert end["chars"] == len(text_of(seen + rest.events)), (
+        "the interrupted error counts exactly the text that was written")
+    assert end["chars"]
 
 
 async def test_resume_after_a_graceful_restart_ends_with_interrupted(
@@ -407,7 +453,7 @@ async def _flood_without_reading(sock: socket.socket, port: int, session: str, f
     sock.sendall((f"GET /ws?session={session} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                  "Sec-WebSocket-Protocol: edgekb.v1\r\n\r\n").encode())
+                  "Sec-WebSocket-Protocol: edgekb.v2\r\n\r\n").encode())
     sock.sendall(_masked_text_frame(json.dumps(
         {"type": "ask", "id": "stalled", "text": OTHER_QUESTION}).encode()))
     history = _masked_text_frame(b'{"type":"history","limit":50}')
@@ -439,7 +485,7 @@ async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
                 requests = await _flood_without_reading(sock, port, session, 100_000, 5.0)
                 # Meanwhile another client of the same session gets a whole answer.
                 other = await ask_in_session(ws, "meanwhile", OTHER_QUESTION)
-                assert text_of(other.events) == other.events[-1]["text"]
+                assert answer_text(other.events)
                 await asyncio.sleep(1.0)
                 grown_mib = (rss_kib(srv.process.pid) - before) / 1024
                 assert grown_mib < 32, (
@@ -486,7 +532,7 @@ async def test_two_connections_of_one_session_follow_the_same_live_answer(
     asker = head + rest.events
     assert asker[-1]["type"] == "done" and seqs(asker) == list(range(1, len(asker) + 1))
     assert follower.events == asker, "both connections see the same events"
-    assert text_of(follower.events) == text_of(asker) == asker[-1]["text"]
+    assert text_of(follower.events) == answer_text(asker)
 
 
 # --- 6. history -----------------------------------------------------------------------------
@@ -515,7 +561,7 @@ async def test_history_returns_the_turns_in_order_with_paging(fast_server: Serve
         turns = page["turns"]
         assert [(t["id"], t["question"]) for t in turns] == [("h1", DEMO_QUESTION),
                                                               ("h2", OTHER_QUESTION)]
-        assert [t["answer"] for t in turns] == [one.events[-1]["text"], two.events[-1]["text"]]
+        assert [t["answer"] for t in turns] == [answer_text(one.events), answer_text(two.events)]
         assert [t["finish"] for t in turns] == [one.events[-1]["finish"],
                                                 two.events[-1]["finish"]]
         assert turns[0]["turn"] < turns[1]["turn"] and turns[0]["at"] <= turns[1]["at"]
@@ -547,7 +593,9 @@ async def test_cancel_stops_the_answer_quickly_and_the_connection_goes_on(
             if event.get("id") == "long" and event["type"] in ("delta", *ENDS):
                 break
         assert head[-1]["type"] == "delta", head[-1]
-        assert {"type": "queued", "id": "waiting", "seq": 1, "position": 1} in head
+        queued = [e for e in head if e.get("id") == "waiting" and e["type"] == "queued"]
+        assert queued and queued[0]["seq"] == 1 and queued[0]["position"] == 1
+        assert queued[0]["wait_s"] > 0, "a waiting question is told how long it may wait"
 
         # A queued request leaves the queue at once.
         await ws.send_json({"type": "cancel", "id": "waiting"})
@@ -564,13 +612,13 @@ async def test_cancel_stops_the_answer_quickly_and_the_connection_goes_on(
         assert done["type"] == "done" and done["finish"] == "cancelled", done
         assert took < 1.5, f"cancel took {took:.2f} s"
         long_events = [e for e in head + waiting.others if e.get("id") == "long"] + rest.events
-        assert done["text"] == text_of(long_events) and done["text"]
+        assert done["chars"] == len(text_of(long_events)) and done["chars"]
         assert done["usage"]["completion_tokens"] < 64
 
         await ws.send_json({"type": "ask", "id": "after", "text": OTHER_QUESTION})
         after = await read_request(ws, "after")
         assert after.ended and after.events[-1]["type"] == "done", after
-        assert text_of(after.events) == after.events[-1]["text"]
+        assert answer_text(after.events)
 
 
 # --- 8. heartbeats: a stalled or slow link that TCP acknowledges is kept -------------------
@@ -682,7 +730,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_resumes_completely(
     events = seen.events + rest.events
     assert events and events[-1]["type"] == "done", rest
     assert seqs(events) == list(range(1, len(events) + 1))
-    assert text_of(events) == events[-1]["text"]
+    assert answer_text(events)
     assert closed_in is not None, (
         "BUG: a client that stopped reading was not disconnected while it stayed stalled: the "
         "server noticed the send timeout but its close waits for the peer to take data")

@@ -14,7 +14,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import DEMO_QUESTION, REPO, Server, collect, edgekb_env, receive_json, start_server
+from conftest import (
+    DEMO_QUESTION,
+    REPO,
+    Server,
+    answer_text,
+    collect,
+    edgekb_env,
+    receive_json,
+    start_server,
+)
 
 
 def free_port() -> int:
@@ -78,18 +87,18 @@ stop = ["\\nQuestion:", "\\n\\n\\n", "\\n\\n["]
 async def test_answer_streams_from_a_remote_openai_compatible_server(
         remote_server: Server) -> None:
     async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(remote_server.ws_url, protocols=("edgekb.v1",))
+        ws = await http.ws_connect(remote_server.ws_url, protocols=("edgekb.v2",))
         await receive_json(ws)
         await ws.send_json({"type": "ask", "id": "r1", "text": DEMO_QUESTION})
         events = await collect(ws, "r1")
         await ws.close()
     kinds = [e["type"] for e in events]
     assert kinds[0] == "queued" and kinds[-1] == "done", kinds
-    assert kinds.index("sources") < kinds.index("delta")
-    sources = next(e for e in events if e["type"] == "sources")["sources"]
+    assert kinds.index("source") < kinds.index("delta")
+    sources = [e for e in events if e["type"] == "source"]
     assert sources[0]["doc"] == "pump-manual.md"
     text = "".join(e["text"] for e in events if e["type"] == "delta")
-    assert text.strip() and text == events[-1]["text"]
+    assert text.strip() and text == answer_text(events)
     assert events[-1]["usage"]["completion_tokens"] > 0
 
 
@@ -106,7 +115,7 @@ n_ctx = 2048
                        "--set", f"models.manifest={manifest}", "--set", "models.llm=nowhere")
     try:
         async with aiohttp.ClientSession() as http:
-            ws = await http.ws_connect(srv.ws_url, protocols=("edgekb.v1",))
+            ws = await http.ws_connect(srv.ws_url, protocols=("edgekb.v2",))
             await receive_json(ws)
             await ws.send_json({"type": "ask", "id": "x", "text": "anything"})
             events = await collect(ws, "x")

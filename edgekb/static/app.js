@@ -1,4 +1,4 @@
-// edgekb web client: protocol edgekb.v1 over one WebSocket. No dependencies, no build step.
+// edgekb web client: protocol edgekb.v2 over one WebSocket. No dependencies, no build step.
 // Server text is only ever put into the page with textContent / text nodes (no innerHTML).
 'use strict';
 (() => {
@@ -37,7 +37,7 @@
     const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws' +
       (session ? '?session=' + encodeURIComponent(session) : '');
     let s;
-    try { s = new WebSocket(url, ['edgekb.v1']); } catch (e) { scheduleRetry(); return; }
+    try { s = new WebSocket(url, ['edgekb.v2']); } catch (e) { scheduleRetry(); return; }
     ws = s;
     s.onopen = () => { rx++; setConn('up', 'Connected'); startPing(); flush(); };
     s.onmessage = (ev) => {
@@ -171,20 +171,21 @@
 
   function renderSources(r, list) {
     r.src.textContent = '';
-    for (const s of Array.isArray(list) ? list : []) {
-      if (!s || typeof s !== 'object') continue;
-      const li = el('li'), d = el('details'), sum = el('summary');
-      sum.append('[' + (s.n != null ? s.n : r.src.children.length + 1) + '] ',
-        el('b', '', s.title || s.doc || 'Untitled'));
-      if (s.where) sum.append(el('span', 'w', ' — ' + s.where));
-      const sc = Number(s.score);
-      if (s.score != null && isFinite(sc)) sum.append(el('span', 'sc', ' · ' + sc.toFixed(2)));
-      d.append(sum);
-      if (s.doc && s.doc !== s.title) d.append(el('p', '', s.doc));
-      if (s.snippet) d.append(el('p', '', s.snippet));
-      li.append(d);
-      r.src.append(li);
-    }
+    for (const s of Array.isArray(list) ? list : []) addSource(r, s);
+  }
+
+  function addSource(r, s) {
+    if (!s || typeof s !== 'object') return;
+    const li = el('li'), d = el('details'), sum = el('summary');
+    sum.append('[' + (s.n != null ? s.n : r.src.children.length + 1) + '] ',
+      el('b', '', s.title || s.doc || 'Untitled'));
+    if (s.where) sum.append(el('span', 'w', ' — ' + s.where));
+    if (s.relevance) sum.append(el('span', 'sc', ' · ' + s.relevance));
+    d.append(sum);
+    if (s.doc && s.doc !== s.title) d.append(el('p', '', s.doc));
+    if (s.snippet) d.append(el('p', '', s.snippet));
+    li.append(d);
+    r.src.append(li);
   }
 
   // Earlier turns of a continued session, as finished cards under the new ones.
@@ -206,8 +207,9 @@
   function fmtMs(ms) { return ms >= 1000 ? (ms / 1000).toFixed(1) + ' s' : Math.round(ms) + ' ms'; }
 
   function onDone(r, m) {
-    // The deltas should add up to done.text; if some were lost, trust the final text.
-    if (typeof m.text === 'string' && m.text !== r.body.data) r.body.data = m.text;
+    // The deltas add up to the answer: done says how long it is (nothing lost, nothing twice).
+    if (Number.isFinite(m.chars) && m.chars !== r.body.data.length)
+      r.card.append(el('p', 'err', 'Part of this answer was lost on the way; ask again.'));
     const f = m.finish;
     if (f === 'cancelled') setStatus(r, 'cancelled', 'Stopped');
     else if (f === 'length') setStatus(r, 'length', 'Done (length limit reached)');
@@ -227,7 +229,7 @@
       delay = 1000; // a server that answers is back: next outage starts at 1 s again
       const lim = m.limits || {};
       if (lim.max_message_bytes > 0) maxBytes = lim.max_message_bytes;
-      canResume = !!m.session; // edgekb.v1: every request of a session can be resumed
+      canResume = !!m.session; // every request of a session can be resumed
       if (m.session && m.session !== session) {
         session = m.session;
         try { localStorage.setItem('edgekb.session', session); } catch (e) { /* private mode */ }
@@ -257,8 +259,8 @@
         setStatus(r, String(m.stage), STAGES[m.stage] || String(m.stage),
           m.stage === 'reading' ? m.progress : null);
         break;
-      case 'sources':
-        renderSources(r, m.sources);
+      case 'source':
+        addSource(r, m);
         break;
       case 'delta':
         if (typeof m.text !== 'string') break;

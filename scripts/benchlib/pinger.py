@@ -31,7 +31,7 @@ async def measure(url: str, interval: float, max_s: float) -> list[list[float]]:
     threading.Thread(target=wait_for_stdin, daemon=True).start()
     samples: list[list[float]] = []
     async with aiohttp.ClientSession() as http:
-        ws = await http.ws_connect(url, protocols=("edgekb.v1",))
+        ws = await http.ws_connect(url, protocols=("edgekb.v2",))
         await ws.receive(timeout=30)  # welcome
         print("ready", flush=True)
         deadline = time.monotonic() + max_s

@@ -13,11 +13,11 @@ import signal
 
 from aiohttp import web
 
-WELCOME = json.dumps({"type": "welcome", "protocol": "edgekb.v1", "session": "x" * 22})
+WELCOME = json.dumps({"type": "welcome", "protocol": "edgekb.v2", "session": "x" * 22})
 
 
 async def handler(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(protocols=("edgekb.v1",), heartbeat=20.0)
+    ws = web.WebSocketResponse(protocols=("edgekb.v2",), heartbeat=20.0)
     await ws.prepare(request)
     await ws.send_str(WELCOME)
     async for _ in ws:  # ends when the peer closes

@@ -17,7 +17,7 @@ import serverproc
 
 from .common import HOST, edgekb_env, proc_status_kb
 
-PROTOCOL = "edgekb.v1"
+PROTOCOL = "edgekb.v2"
 # An answer takes seconds on a quiet machine; other LLM processes on 2 cores slow it 20-fold.
 ANSWER_TIMEOUT_S = 900
 

@@ -1,0 +1,71 @@
+"""A scripted answer engine for fast in-process tests of the conversation core and transports.
+
+It stands in for retrieval and the LLM (what those tests are not about): each answer is a list
+of pieces, optionally held at a gate the test opens, so races (grace time, resume during an
+answer, a write failure, shutdown) happen exactly when the test says. It records the history
+each answer was given, so tests can check what a prompt would have been built from.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgekb import events
+from edgekb.answer import AnswerEnd, AnswerItem, AnswerOptions
+from edgekb.sessions import Turn
+
+
+@dataclass
+class Script:
+    pieces: list[str] = field(default_factory=lambda: ["Close", " the", " discharge", " valve",
+                                                       "."])
+    sources: int = 1
+    hold_after: int | None = None   # pieces sent before waiting at the engine's gate
+    snippet: str = "Close the discharge valve, then press RESET."
+
+
+class ScriptedAnswers:
+    def __init__(self) -> None:
+        self.default = Script()
+        self.scripts: dict[str, Script] = {}    # by question
+        self.gate = asyncio.Event()            # opened by the test to let held answers go on
+        self.histories: dict[str, list[str]] = {}  # question -> earlier questions it was given
+        self.started: list[str] = []
+
+    def script(self, question: str, **fields: Any) -> Script:
+        self.scripts[question] = Script(**fields)
+        return self.scripts[question]
+
+    async def answer(self, question: str, options: AnswerOptions, cancel: threading.Event,
+                     history: Sequence[Turn] = (), cache_key: str | None = None
+                     ) -> AsyncIterator[AnswerItem]:
+        script = self.scripts.get(question, self.default)
+        self.started.append(question)
+        self.histories[question] = [turn.question for turn in history]
+        yield events.status("retrieving")
+        for n in range(1, script.sources + 1):
+            yield events.source({"n": n, "doc": "pump-manual.md", "title": "P-200 manual",
+                                 "where": "Troubleshooting", "page": None,
+                                 "snippet": script.snippet, "relevance": "high", "score": 0.9})
+        yield events.status("generating")
+        text = ""
+        for index, piece in enumerate(script.pieces):
+            if script.hold_after is not None and index == script.hold_after:
+                while not self.gate.is_set() and not cancel.is_set():
+                    await asyncio.sleep(0.005)  # bounded by the test's own timeout
+            if cancel.is_set():
+                yield AnswerEnd("cancelled", text, {"completion_tokens": index}, {})
+                return
+            text += piece
+            for event in events.deltas(piece):
+                yield event
+            await asyncio.sleep(0)
+        yield AnswerEnd("stop", text, {"completion_tokens": len(script.pieces)}, {})
+
+    async def prefill(self, history: Sequence[Turn], cache_key: str,
+                      cancel: threading.Event) -> int:
+        return 0
