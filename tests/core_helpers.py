@@ -92,7 +92,9 @@ class Peer:
 
 
 async def start_core(aiohttp_client: Any, data_dir: Path, **overrides: Any) -> Core:
-    settings = load_settings(env={}, overrides={"data_dir": data_dir, **overrides})
+    # One answer at a time unless a test asks for more: the queue tests count on it.
+    settings = load_settings(env={}, overrides={"data_dir": data_dir, "generation.slots": 1,
+                                                **overrides})
     engine = ScriptedAnswers()
     app = create_app(settings, answers=engine)
     client = await aiohttp_client(app)
