@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
+from . import memtrim
 from .llamacpp import Batch, Context, Model, Sampler, Sampling
 from .llm_types import Finished, LlmEvent, Piece, Reading, StopScanner
 
@@ -197,8 +198,11 @@ class Decoder:
                 log.exception("a llama decode step failed")
                 for job in active:
                     self._fail(job, exc)
+            was_busy = bool(active)
             active = [job for job in active if not job.finish]
             self._flush(force=not active)
+            if was_busy and not active:
+                memtrim.trim()  # the busy spell's buffers and replaced snapshots, given back
             if self._closing and not active and not self._waiting:
                 return
 
