@@ -39,11 +39,14 @@ class GenerationRequest:
     stop: tuple[str, ...]
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)
     cache_key: str | None = None   # whose KV state to keep for a follow-up (a session)
-    # Sampling beyond temperature, per request (llama_cpp.Llama's defaults).
+    # Sampling beyond temperature, per model (models.toml; llama_cpp.Llama's defaults):
+    # small models loop without repetition control.
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -133,7 +136,9 @@ class LlmEngine:
 
         sampling = Sampling(temperature=request.temperature, top_k=request.top_k,
                             top_p=request.top_p, min_p=request.min_p,
-                            repeat_penalty=request.repeat_penalty, seed=self.seed)
+                            repeat_penalty=request.repeat_penalty,
+                            presence_penalty=request.presence_penalty,
+                            frequency_penalty=request.frequency_penalty, seed=self.seed)
         self.decoder.submit(Job(tokens, request.cache_key, request.cancel,
                                 Outbox(loop, deliver), request.max_tokens, sampling,
                                 request.stop))
