@@ -19,6 +19,7 @@ from .answer import AnswerEngine, AnswerOptions, Answers
 from .api import setup_api
 from .config import Settings
 from .conversations import Conversations
+from .cpugate import CpuGate
 from .engines import (
     load_embedder,
     load_llm,
@@ -29,6 +30,7 @@ from .engines import (
 )
 from .http_errors import error_middleware
 from .ingest_service import IngestService
+from .llm import LlmEngine
 from .llm_remote import RemoteLlm
 from .notices import broadcast
 from .retrieval import Searcher
@@ -115,8 +117,14 @@ async def _llm(app: web.Application) -> AsyncIterator[None]:
     app[keys.LLM] = llm
     builder = await _in_thread(prompt_builder, settings, llm, entry)
     searcher = Searcher(app[keys.EMBEDDER], app[keys.LIBRARY])
-    app[keys.ANSWERS] = AnswerEngine(app[keys.STORE], searcher, builder, llm)
+    if isinstance(llm, LlmEngine):  # decode steps and embedding runs take turns on the cores
+        gate = CpuGate()
+        llm.set_step_gate(gate.decode_step)
+        app[keys.EMBEDDER].gate = gate.embedding
+    answers = AnswerEngine(app[keys.STORE], searcher, builder, llm)
+    app[keys.ANSWERS] = answers
     yield
+    await _in_thread(answers.close)
     if isinstance(llm, RemoteLlm):
         await llm.aclose()
     else:
@@ -131,9 +139,10 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
         log.warning("%d answers were cut off by the last shutdown; they end with an error",
                     interrupted)
     options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
-                            temperature=settings.generation.temperature,
-                            flush_interval_s=settings.server.flush_interval_ms / 1000)
-    queue = FairQueue(settings.queue.max_waiting, settings.queue.max_per_user)
+                            temperature=settings.generation.temperature)
+    # As many answers at once as the LLM decodes together.
+    queue = FairQueue(settings.queue.max_waiting, settings.queue.max_per_user,
+                      slots=settings.generation.slots)
     conversations = Conversations(store, app[keys.ANSWERS], queue, options,
                                   grace_s=settings.sessions.grace_s, data_dir=settings.data_dir,
                                   min_free_bytes=settings.storage.min_free_mb * 2**20,

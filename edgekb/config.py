@@ -101,6 +101,7 @@ class GenerationSettings:
     threads: int = 0
     n_batch: int = 128
     state_cache_mb: int = 64
+    slots: int = 4
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,7 @@ _CHECKS: dict[str, _Check] = {
     "generation.temperature": _between(0, 2),
     "generation.threads": _at_least(0),
     "generation.n_batch": _at_least(1),
+    "generation.slots": _between(1, 16),
     "retention.sessions_days": _at_least(0),
     "retention.turns_days": _at_least(0),
     "retention.request_logs_days": _at_least(0),

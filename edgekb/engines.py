@@ -67,11 +67,13 @@ def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine | RemoteLl
         return RemoteLlm(str(entry.settings["endpoint"]), str(entry.settings.get("model", "")),
                          n_ctx=int(entry.settings.get("n_ctx", 4096)),
                          prompt_format=str(entry.settings.get("prompt_format", "completion")),
-                         seed=gen.seed), entry
+                         seed=gen.seed,
+                         flush_interval_s=settings.server.flush_interval_ms / 1000), entry
     paths = verify(settings.models_cache, entry)
     engine = LlmEngine(paths["model"], n_ctx=int(entry.settings.get("n_ctx", 2048)),
                        threads=gen.threads, n_batch=gen.n_batch, seed=gen.seed,
-                       state_cache_bytes=gen.state_cache_mb * 1024 * 1024)
+                       state_cache_bytes=gen.state_cache_mb * 1024 * 1024, slots=gen.slots,
+                       flush_interval_s=settings.server.flush_interval_ms / 1000)
     return engine, entry
 
 
@@ -93,8 +95,8 @@ def _chat_template(llm: LlmEngine) -> tuple[Callable[[list[dict[str, str]]], str
     source = llm.metadata("tokenizer.chat_template")
     if not source:
         raise ValueError("prompt_format 'chat' needs a chat template in the GGUF metadata")
-    eos = llm.llama.detokenize([llm.llama.token_eos()], special=True).decode(errors="ignore")
-    bos = llm.llama.detokenize([llm.llama.token_bos()], special=True).decode(errors="ignore")
+    eos = llm.model.piece(llm.model.eos, special=True).decode(errors="ignore")
+    bos = llm.model.piece(llm.model.bos, special=True).decode(errors="ignore")
     formatter = Jinja2ChatFormatter(source, eos_token=eos, bos_token=bos)
 
     def render(messages: list[dict[str, str]]) -> str:

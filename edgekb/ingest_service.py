@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from . import memtrim
 from .ingest import Ingestor
 from .store import Store
 
@@ -31,8 +32,13 @@ class IngestService:
         return self._ingestor
 
     async def run(self, fn: Callable[[Ingestor], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: fn(self._get()))
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self._job, fn)
+
+    def _job(self, fn: Callable[[Ingestor], Any]) -> Any:
+        try:
+            return fn(self._get())
+        finally:
+            memtrim.trim()  # parsing and embedding freed tens of MB; give them back
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -27,8 +27,9 @@ class RemoteLlmError(EdgekbError):
 
 class RemoteLlm:
     def __init__(self, endpoint: str, model: str, *, n_ctx: int, prompt_format: str,
-                 seed: int, timeout_s: float = 600.0) -> None:
+                 seed: int, timeout_s: float = 600.0, flush_interval_s: float = 0.05) -> None:
         self.endpoint = endpoint.rstrip("/")
+        self.flush_interval_s = flush_interval_s
         self.model = model
         self.n_ctx = n_ctx
         self.chat = prompt_format == "chat"
@@ -66,6 +67,11 @@ class RemoteLlm:
         first: float | None = None
         scanner = StopScanner(request.stop)  # servers differ in how exactly they apply stops
         generated, finish, usage = 0, "length", {}
+        # Coalesced as the local engine does: the first visible text at once, then what
+        # arrived within each flush interval as one Piece.
+        held: list[str] = []
+        visible = False
+        flushed_at = 0.0
         try:
             async with self._http.post(self.endpoint + path, json=body) as response:
                 if response.status != 200:
@@ -82,19 +88,26 @@ class RemoteLlm:
                         first = first or time.perf_counter()
                         generated += 1
                         out, stopped = scanner.feed(text)
-                        if out:
-                            yield Piece(out)
+                        held.append(out)
+                        now = time.perf_counter()
+                        if not visible or now - flushed_at >= self.flush_interval_s:
+                            chunk = "".join(held)
+                            held.clear()
+                            if chunk:
+                                visible = visible or not chunk.isspace()
+                                flushed_at = now
+                                yield Piece(chunk)
                         if stopped:
                             finish = "stop"
                             break
                     if choice.get("finish_reason"):
                         finish = "stop" if choice["finish_reason"] == "stop" else "length"
-                        tail = scanner.flush()
-                        if tail:
-                            yield Piece(tail)
+                        held.append(scanner.flush())
                         break
         except aiohttp.ClientError as exc:
             raise RemoteLlmError(f"cannot reach the LLM server at {self.endpoint}: {exc}") from exc
+        if "".join(held):
+            yield Piece("".join(held))
         end = time.perf_counter()
         first = first or end
         yield Finished(finish, int(usage.get("prompt_tokens") or self.count_tokens(request.prompt)),

@@ -19,6 +19,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from .embed import Embedder
 from .index import Library
 from .store import ChunkHit, Store
@@ -130,15 +132,19 @@ class Searcher:
         self.library = library
 
     def search(self, store: Store, query: str, k: int, kbs: Sequence[str] | None = None,
-               mode: str = "hybrid", alternates: Sequence[str] = ()) -> list[ScoredHit]:
+               mode: str = "hybrid", alternates: Sequence[str] = (),
+               vectors: np.ndarray | None = None) -> list[ScoredHit]:
         """The k best chunks for ``query``; ``alternates`` are the same question in other
         words (an English translation of a Chinese one): their candidates join, and each
-        chunk is scored by the variant that matches it best."""
+        chunk is scored by the variant that matches it best. ``vectors``: the embeddings of
+        ``variants(query, alternates)`` when the caller computed them (the server embeds on its
+        own executor, so SQLite reads never wait behind an embedding)."""
         known = self.library.kbs()
         # Only existing knowledge bases: a name from a client never creates an index.
         kbs = [kb for kb in kbs if kb in known] if kbs is not None else known
-        variants = [query, *(a for a in alternates if a and a != query)]
-        vectors = self.embedder.embed_batch(variants)
+        variants = self.variants(query, alternates)
+        if vectors is None:
+            vectors = self.embedder.embed_batch(variants)
         candidates: set[int] = set()
         keyword_scores: dict[int, float] = {}
         trigram_scores: dict[int, float] = {}  # relative to the best match of its kb
@@ -179,6 +185,10 @@ class Searcher:
             scored.append(ScoredHit(hit, score, relevance))
         scored.sort(key=lambda s: -s.score)
         return scored[:k]
+
+    @staticmethod
+    def variants(query: str, alternates: Sequence[str] = ()) -> list[str]:
+        return [query, *(a for a in alternates if a and a != query)]
 
     @staticmethod
     def _keyword(store: Store, kb: str, query: str

@@ -95,8 +95,10 @@ class Peer:
 async def start_core(aiohttp_client: Any, data_dir: Path, user: str = "test-user",
                      **overrides: Any) -> Core:
     """The app with authentication on, as shipped: the client carries a token of ``user``
-    (role admin) signed with the data dir's key, as `edgekb token issue` makes one."""
-    settings = load_settings(env={}, overrides={"data_dir": data_dir, **overrides})
+    (role admin) signed with the data dir's key, as `edgekb token issue` makes one. One answer
+    at a time unless a test asks for more: the queue tests count on it."""
+    settings = load_settings(env={}, overrides={"data_dir": data_dir, "generation.slots": 1,
+                                                **overrides})
     token, _ = token_authority(settings).issue(user, "admin", 3600)
     engine = ScriptedAnswers()
     app = create_app(settings, answers=engine)

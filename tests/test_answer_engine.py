@@ -39,13 +39,15 @@ async def ask(ws: aiohttp.ClientWebSocketResponse, request_id: str,
 
 @pytest.fixture(scope="module")
 def short_server(demo_data_dir: Path, models_cache: Path, tmp_path_factory) -> Server:
-    """Short answers and a queue of two, so waiting and refusal are quick to reach."""
+    """Short answers, one answer at a time and a queue of two, so waiting and refusal are
+    quick to reach."""
     import shutil
 
     data_dir = tmp_path_factory.mktemp("queue") / "data"
     shutil.copytree(demo_data_dir, data_dir, ignore=shutil.ignore_patterns("edgekb.lock"))
     srv = start_server(data_dir, edgekb_env(models_cache), "--set", "generation.max_tokens=24",
-                       "--set", "queue.max_waiting=2", "--set", "queue.max_per_user=5")
+                       "--set", "queue.max_waiting=2", "--set", "queue.max_per_user=5",
+                       "--set", "generation.slots=1")
     yield srv
     srv.stop()
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import aiohttp
 
+from edgekb.events import text_digest
+
 from .common import benchlib_env, log, percentile, proc_status_kb
 from .server import Answer, Server, connect, follow, send_ask
 
@@ -156,5 +158,6 @@ def _complete(answer: Answer) -> bool:
     if not answer.events or answer.events[-1].get("type") != "done":
         return False
     seqs = [e["seq"] for e in answer.events]
-    text = "".join(e["text"] for e in answer.events if e["type"] == "delta")
-    return seqs == list(range(1, len(seqs) + 1)) and text == answer.events[-1]["text"]
+    done = answer.events[-1]
+    return (seqs == list(range(1, len(seqs) + 1)) and len(answer.text) == done["chars"]
+            and text_digest(answer.text) == done["sha256"])

@@ -21,7 +21,7 @@ from typing import Any
 
 import llama_cpp
 
-from edgekb.answer import AnswerEngine, AnswerOptions
+from edgekb.answer import AnswerEnd, AnswerEngine, AnswerOptions
 from edgekb.catalog import verify
 from edgekb.config import Settings
 from edgekb.engines import load_embedder, open_catalog, prompt_builder
@@ -174,14 +174,14 @@ async def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, .
                           prompt_builder(settings, raw, raw.entry),  # type: ignore[arg-type]
                           capture)  # type: ignore[arg-type]
     options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
-                            temperature=settings.generation.temperature,
-                            flush_interval_s=settings.server.flush_interval_ms / 1000)
+                            temperature=settings.generation.temperature)
 
     async def retrieval_ms(question: str) -> float:
-        done: dict[str, Any] = {}
-        async for event in engine.answer(question, options, threading.Event()):
-            done = event
-        return float(done["timings"]["retrieval_ms"])
+        end: Any = None
+        async for item in engine.answer(question, options, threading.Event()):
+            end = item
+        assert isinstance(end, AnswerEnd)
+        return float(end.timings["retrieval_ms"])
 
     try:
         await retrieval_ms(questions[0])
@@ -194,6 +194,7 @@ async def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, .
                                        request.stop, median(times)))
         return prompts
     finally:
+        engine.close()
         store.close()
 
 
@@ -202,8 +203,9 @@ def same_text(a: str, b: str) -> bool:
     return a.strip() == b.strip()
 
 
-def summarize_pair(prompt: BuiltPrompt, served: dict[str, Any], raw: RawRun,
+def summarize_pair(prompt: BuiltPrompt, served: dict[str, Any], text: str, raw: RawRun,
                    client_tps: float | None, ttft_ms: float) -> dict[str, Any]:
+    """``served``: the server's done event; ``text``: the answer its deltas made."""
     usage, timings = served["usage"], served["timings"]
     return {
         "question": prompt.question,
@@ -213,7 +215,7 @@ def summarize_pair(prompt: BuiltPrompt, served: dict[str, Any], raw: RawRun,
         "completion_tokens": usage.get("completion_tokens"),
         "raw_tokens": raw.tokens,
         "same_prompt": usage.get("prompt_tokens") == len(prompt.tokens),
-        "same_text": same_text(served.get("text", ""), raw.text),
+        "same_text": same_text(text, raw.text),
         "server_client_tokens_per_s": client_tps,
         "server_worker_tokens_per_s": timings.get("tokens_per_s"),
         "raw_tokens_per_s": raw.tokens_per_s,
@@ -223,4 +225,12 @@ def summarize_pair(prompt: BuiltPrompt, served: dict[str, Any], raw: RawRun,
         "raw_retrieval_ms": round(prompt.retrieval_ms, 1),
         "raw_ttft_ms": round(raw.ttft_ms, 1),
         "ttft_overhead_ms": round(ttft_ms - prompt.retrieval_ms - raw.ttft_ms, 1),
+        # Where the server's part of it goes: answer start -> first visible text on the loop,
+        # beyond retrieval and the worker's prompt reading (prompt build, tokenizing, hand-off),
+        # then from there to the client (the event log's SQLite commit, the WebSocket).
+        "inside_ttft_ms": timings.get("ttft_ms"),
+        "pipeline_ms": round(timings["ttft_ms"] - timings["retrieval_ms"] - timings["prompt_ms"], 1)
+        if timings.get("ttft_ms") is not None else None,
+        "delivery_ms": round(ttft_ms - timings["ttft_ms"], 1)
+        if timings.get("ttft_ms") is not None else None,
     }

@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from . import connections, wire
+from . import batching, connections, threads, wire
 from .common import Sheet, bench_settings, log, median, ratio
 from .llm import (
     FOLLOW_UPS,
@@ -61,7 +61,7 @@ async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
             await until_idle(http, server)
             done = answer.done
             run = raw.run(prompt, done["usage"].get("cached_prompt_tokens", 0))
-            pair = summarize_pair(prompt, done, run, answer.client_tokens_per_s(),
+            pair = summarize_pair(prompt, done, answer.text, run, answer.client_tokens_per_s(),
                                   answer.ttft_ms)
             pair["loadavg_1m"] = round(os.getloadavg()[0], 2)  # other work on the machine
             log(f"  {prompt.question[:40]}…: server {pair['server_client_tokens_per_s'] or 0:.1f}"
@@ -144,6 +144,15 @@ def record_stream(sheet: Sheet, pairs: list[dict[str, Any]]) -> None:
               f"prefix); median over {n} questions", 1)
     sheet.put("ttft_ms", median([p["server_ttft_ms"] for p in pairs]),
               f"server time to first token, client-measured, median over {n} questions", 1)
+    parts = [p for p in pairs if p["pipeline_ms"] is not None]
+    if parts:
+        sheet.put("ttft_pipeline_ms", median([p["pipeline_ms"] for p in parts]),
+                  "inside the server: (answer start -> first visible text reaching the loop) - "
+                  "retrieval - the worker's prompt reading and first token: prompt building, "
+                  f"tokenizing, the hand-off; median over {len(parts)}", 1)
+        sheet.put("ttft_delivery_ms", median([p["delivery_ms"] for p in parts]),
+                  "client TTFT - the server's own TTFT: queue, storing the events in SQLite "
+                  f"before release, WebSocket; median over {len(parts)}", 1)
     sheet.detail("stream", pairs)
 
 
@@ -240,7 +249,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
     conversations = 1 if quick else len(FOLLOW_UPS)
     raw = RawLlm(settings)
     try:
-        prompts = await build_prompts(settings, raw, QUESTIONS[: 3 if quick else 6])
+        prompts = await build_prompts(settings, raw, QUESTIONS[: 4 if quick else 6])
         log("server: starting the main server")
         main = start_server(demo, work / "serve-main.log", *DETERMINISTIC)
         try:
@@ -274,6 +283,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
                       "benchmarks (before the connection benchmarks)", 1)
             await many_connections(sheet, main, quick, QUESTIONS[0],
                                    pairs[0]["raw_tokens_per_s"])
+            await batching.run(sheet, main, settings, prompts)
         finally:
             main.stop()
         log("server: starting a server with compression on and no KV state cache")
@@ -297,3 +307,4 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
         sheet.detail("wire", {"plain": plain, "compressed": compressed})
     finally:
         raw.close()
+    await threads.run(sheet, demo, work, settings, prompts[0], DETERMINISTIC)

@@ -138,7 +138,7 @@ async def answer_bytes(ws_url_port: int, question: str, compress: int,
         size = len(json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode())
         by_type[event["type"]] = by_type.get(event["type"], 0) + size
     done = answer.done
-    return WireRun(proxy.down_bytes, done["text"], done["usage"].get("completion_tokens", 0),
+    return WireRun(proxy.down_bytes, answer.text, done["usage"].get("completion_tokens", 0),
                    by_type)
 
 
