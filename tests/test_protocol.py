@@ -114,7 +114,7 @@ async def next_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 30) ->
 
 
 async def read_request(ws: aiohttp.ClientWebSocketResponse, request_id: str,
-                       timeout: float = 120, pause_s: float = 0.0) -> Stream:
+                       timeout: float = 300, pause_s: float = 0.0) -> Stream:
     """Frames until the request's done/error, the connection's end, or the deadline."""
     stream = Stream()
     deadline = time.monotonic() + timeout

@@ -89,9 +89,11 @@ def _metadata_title(reader: PdfReader) -> str:
     return "" if junk else title
 
 
-def _flate_streams(page: Any) -> list[Any]:
+def _flate_streams(page: Any, seen: set[int]) -> list[Any]:
     """The page's content streams and form XObjects whose only filter is FlateDecode (what
-    pypdf decodes to read the page's text), with their raw bytes."""
+    pypdf decodes to read the page's text), with their raw bytes. Images are not decoded for
+    text, and a stream shared by several pages (a logo, a page frame) is decoded once: pypdf
+    caches it, so each counts once (``seen``: ids of streams already counted)."""
     found: list[Any] = []
     contents = page.get("/Contents")
     contents = contents.get_object() if contents is not None else None
@@ -104,7 +106,9 @@ def _flate_streams(page: Any) -> list[Any]:
         stream = candidate.get_object() if candidate is not None else None
         # _data is pypdf's raw (still encoded) stream; without it pypdf's limits stand alone.
         if isinstance(getattr(stream, "_data", None), bytes) and \
-                stream.get("/Filter") == "/FlateDecode":
+                stream.get("/Filter") == "/FlateDecode" and \
+                stream.get("/Subtype") != "/Image" and id(stream) not in seen:
+            seen.add(id(stream))
             found.append(stream)
     return found
 
@@ -137,8 +141,9 @@ def _load_pdf(path: Path, data: bytes, inflated: InflateBudget) -> LoadedDocumen
     headings = _heading_per_page(_outline_starts(path, reader), count)
     budget = TextBudget(path)
     sections: list[Section] = []
+    counted: set[int] = set()
     for number, page in enumerate(reader.pages, start=1):
-        for stream in _flate_streams(page):
+        for stream in _flate_streams(page, counted):
             inflated.add(f"a stream of page {number}",
                          count_inflated(stream._data, inflated.limits.part_bytes))
         text = budget.take(page.extract_text().replace("\x00", "")).strip()
