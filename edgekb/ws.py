@@ -42,6 +42,7 @@ from .protocol import (
     Resume,
     parse_client_message,
 )
+from .requester import user_of
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,7 @@ class Connection:
         state = self.heartbeat.check(now)
         if state == "dead":
             log.info("peer of session %s is gone: closing", self.session_id)
+            self.core.metrics.heartbeat_closed("ws")
             self.end(WSCloseCode.GOING_AWAY, b"no heartbeat")
         elif state == "ping" and (self._pinging is None or self._pinging.done()):
             self._pinging = asyncio.create_task(self._ping())
@@ -250,7 +252,7 @@ def _reset(transport: asyncio.Transport) -> None:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     settings = app[keys.SETTINGS]
-    user = request.remote or "local"  # until authentication names users
+    user = user_of(request)
     opened = await app[keys.CONVERSATIONS].open(user, request.query.get("session"))
     ws = web.WebSocketResponse(
         protocols=(PROTOCOL,), autoping=False, compress=settings.server.compress,
