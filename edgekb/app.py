@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 
 from . import events, keys, sessions
+from .access import access_middleware, add_login_routes
 from .answer import AnswerEngine, AnswerOptions, Answers
 from .api import setup_api
 from .config import Settings
@@ -35,6 +36,7 @@ from .notices import broadcast
 from .openai_api import openai_error_shape, setup_openai
 from .retrieval import Searcher
 from .scheduler import FairQueue
+from .security import AUDIT, QUESTION_RATE, security_context
 from .sse import close_streams, setup_sse
 from .store import AsyncStore
 from .ws import sweep, websocket_handler
@@ -46,13 +48,16 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, answers: Answers | None = None) -> web.Application:
     """The appliance. With ``answers`` (the tests' scripted engine) no model is loaded: the
     conversation core and the transports run on it, and the document API is unavailable."""
-    # openai_error_shape first: it reshapes every error body of /v1 the layers inside made.
+    # The access middleware comes before any handler: nothing runs for a request it refuses.
+    # openai_error_shape wraps it: it reshapes every error body of /v1 the layers inside made,
+    # the access layer's refusals included.
     app = web.Application(client_max_size=settings.server.max_message_bytes,
-                          middlewares=[openai_error_shape, error_middleware])
+                          middlewares=[openai_error_shape, access_middleware, error_middleware])
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = Metrics()
     app[keys.CONNECTIONS] = set()  # each handler removes its own when it ends
-    app.cleanup_ctx.append(_store)
+    # security_context refuses an unsafe exposure before any model is loaded.
+    app.cleanup_ctx.extend([_store, security_context])
     if answers is None:
         app.cleanup_ctx.extend([_embedder, _library, _ingest, _llm])
     else:
@@ -65,6 +70,7 @@ def create_app(settings: Settings, answers: Answers | None = None) -> web.Applic
     setup_api(app)
     setup_sse(app)
     setup_openai(app)
+    add_login_routes(app)
     app.router.add_get("/", _index_page)
     app.router.add_static("/static/", STATIC_DIR)
     return app
@@ -140,7 +146,8 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
     conversations = Conversations(store, app[keys.ANSWERS], queue, options,
                                   grace_s=settings.sessions.grace_s, data_dir=settings.data_dir,
                                   min_free_bytes=settings.storage.min_free_mb * 2**20,
-                                  metrics=app[keys.METRICS])
+                                  metrics=app[keys.METRICS],
+                                  question_rate=app[QUESTION_RATE], audit=app[AUDIT])
     app[keys.CONVERSATIONS] = conversations
     yield
     await conversations.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -65,8 +66,12 @@ def json_printer(out: TextIO) -> Emit:
 
 
 async def ask(url: str, question: str, emit: Emit, timeout_s: float = 900.0,
-              max_reconnects: int = 30) -> int:
-    """Ask one question; 0 when the answer completed, 1 on an error event or giving up."""
+              max_reconnects: int = 30, token: str | None = None,
+              cafile: str | None = None) -> int:
+    """Ask one question; 0 when the answer completed, 1 on an error event or giving up.
+    ``token`` goes in the Authorization header (never the URL)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    tls = ssl.create_default_context(cafile=cafile) if cafile else None
     request_id = "q-" + secrets.token_hex(4)
     session: str | None = None
     last_seq = 0
@@ -76,7 +81,7 @@ async def ask(url: str, question: str, emit: Emit, timeout_s: float = 900.0,
         target = f"{url}?{urlencode({'session': session})}" if session else url
         try:
             async with aiohttp.ClientSession() as http, http.ws_connect(
-                    target, protocols=(PROTOCOL,), heartbeat=30,
+                    target, protocols=(PROTOCOL,), heartbeat=30, headers=headers, ssl=tls,
                     timeout=aiohttp.ClientWSTimeout(ws_close=5)) as ws:
                 welcome = await _receive(ws, deadline)
                 if session is None:
@@ -107,6 +112,16 @@ async def ask(url: str, question: str, emit: Emit, timeout_s: float = 900.0,
                     emit(message)
                     if message["type"] in ("done", "error"):
                         return 0 if message["type"] == "done" else 1
+        except aiohttp.WSServerHandshakeError as exc:
+            if exc.status in (401, 403):  # retrying cannot help: say why and stop
+                emit({"type": "error", "code": "unauthorized" if exc.status == 401
+                      else "forbidden", "message": f"the server refused the connection "
+                      f"({exc.status}); pass --token or set EDGEKB_TOKEN"})
+                return 1
+            if time.monotonic() >= deadline or attempt == max_reconnects:
+                emit({"type": "error", "code": "gave_up", "message": f"link lost: {exc}"})
+                return 1
+            await asyncio.sleep(min(MAX_BACKOFF_S, 0.25 * 2 ** attempt))
         except (aiohttp.ClientError, ConnectionError, asyncio.TimeoutError, _Closed) as exc:
             if time.monotonic() >= deadline or attempt == max_reconnects:
                 emit({"type": "error", "code": "gave_up", "message": f"link lost: {exc}"})

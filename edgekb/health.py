@@ -6,8 +6,10 @@
   the data disk is above its floor, and it is not shutting down. 503 with every failed check
   otherwise, so a load balancer sends questions elsewhere.
 - /metrics: Prometheus text format (metrics.py). Access (`metrics.access`): `loopback` (the
-  default) serves only clients on this machine; `token` leaves it to the authentication
-  layer, like every other route.
+  default) serves clients on this machine without a credential (a local scraper or agent, as
+  node_exporter is run) and refuses every other; `token` serves any client with a valid
+  credential (a Bearer token), loopback included, through the access layer like every other
+  route. Counts only: no question, user, session or document name is in it.
 """
 
 from __future__ import annotations
@@ -19,17 +21,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import keys
-from .errors import EdgekbError
+from .access import ACCESS, Forbidden
 from .http_errors import error_response
 from .requester import client_address
 from .store import Store
 
 STORE_PROBE_TIMEOUT_S = 2.0
 STORE_PROBE_EVERY_S = 5.0  # a write probe is an fsync on an SD card: at most this often
-
-
-class Forbidden(EdgekbError):
-    code = "forbidden"
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -58,7 +56,8 @@ async def _readiness(app: web.Application) -> dict[str, str]:
     }
     storage = core.storage()
     if not storage["ok"]:
-        checks["disk"] = f"{storage['free_mb']} MB free, under the floor of {storage['floor_mb']} MB"
+        checks["disk"] = (f"{storage['free_mb']} MB free, under the floor of "
+                          f"{storage['floor_mb']} MB")
     return checks
 
 
@@ -128,3 +127,10 @@ def setup_health(app: web.Application) -> None:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.on_startup.append(_metrics_access)
+
+
+async def _metrics_access(app: web.Application) -> None:
+    """on_startup, after security_context made the access layer (cleanup_ctx runs first)."""
+    if app[keys.SETTINGS].metrics.access == "loopback":
+        app[ACCESS].public_paths.add("/metrics")  # no credential; the handler checks loopback

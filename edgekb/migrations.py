@@ -132,6 +132,16 @@ MIGRATIONS: list[str] = [
         DELETE FROM chunks_trigram WHERE rowid = old.id;
     END;
     """,
+    # 5: people who sign in on the web page (tokens for devices need no row).
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,               -- admin | user
+        password TEXT NOT NULL,           -- scrypt$n$r$p$salt$hash
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 ]
 
 

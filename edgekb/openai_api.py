@@ -42,7 +42,8 @@ from .conversations import RequestOptions, RequestState
 from .errors import EdgekbError, ProtocolError
 from .http_errors import STATUS_BY_CODE, Handler
 from .protocol import INVALID_FIELD, UNKNOWN_REQUEST
-from .requester import user_of
+from .access import requires
+from .requester import client_address, user_of
 from .sse import (
     EventStream,
     StreamGone,
@@ -70,7 +71,8 @@ async def openai_error_shape(request: web.Request, handler: Handler) -> web.Stre
     in OpenAI's shape, so OpenAI SDKs raise their typed errors (and retry 429 and 503)."""
     response = await handler(request)
     if not request.path.startswith("/v1/") or response.status < 400 \
-            or not isinstance(response, web.Response) or response.content_type != "application/json":
+            or not isinstance(response, web.Response) \
+            or response.content_type != "application/json":
         return response
     try:
         error = json.loads(response.body)["error"]  # type: ignore[arg-type]
@@ -183,7 +185,8 @@ async def start(request: web.Request, question: str, ext: Extension,
     core = request.app[keys.CONVERSATIONS]
     user = user_of(request)
     opened = await core.open(user, session)
-    await core.ask(opened.session, user, request_id, ask.text, ask.kbs, options)
+    await core.ask(opened.session, user, request_id, ask.text, ask.kbs, options,
+                   address=client_address(request))
     return opened.session, request_id
 
 
@@ -278,6 +281,7 @@ def chat_usage(done: Event) -> Event:
             "prompt_tokens_details": {"cached_tokens": usage.get("cached_prompt_tokens", 0)}}
 
 
+@requires("user", audit="ask")
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     question, pairs = conversation(body.get("messages"), "messages")
@@ -491,6 +495,7 @@ async def owned(request: web.Request, value: str) -> tuple[str, str, RequestStat
     return session, request_id, state
 
 
+@requires("user", audit="ask")
 async def create_response(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     ext = extension(body)
@@ -543,9 +548,11 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     return await stream_rendered(request, session, request_id, tail, first)
 
 
+@requires("user", audit="cancel")
 async def cancel_response(request: web.Request) -> web.Response:
     session, request_id, state = await owned(request, request.match_info["id"])
-    await request.app[keys.CONVERSATIONS].cancel(session, request_id)
+    await request.app[keys.CONVERSATIONS].cancel(session, request_id, user=user_of(request),
+                                                 address=client_address(request))
     view = await fed_view(request, session, request_id, state, None, live=False)
     return web.json_response(view.snapshot(), headers=named(session, request_id))
 

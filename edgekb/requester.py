@@ -1,16 +1,18 @@
-"""Who is asking: the one place every transport (WebSocket, SSE, OpenAI) takes the user and
-the client's address from a request, so authentication changes them here and nowhere else."""
+"""Who is asking: the one place the HTTP transports (SSE, OpenAI) take the user and the
+client's address from a request the access middleware admitted (access.py)."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from .access import CLIENT_ADDRESS, PRINCIPAL
+
 
 def user_of(request: web.Request) -> str:
-    """The user a conversation belongs to."""
-    return request.remote or "local"  # until authentication names users
+    """The user a conversation belongs to: the signed-in principal."""
+    return request[PRINCIPAL].sub
 
 
 def client_address(request: web.Request) -> str:
-    """The client's IP address as the server sees it."""
-    return request.remote or ""
+    """The client's IP address (X-Forwarded-For only from a trusted proxy), for the audit."""
+    return request[CLIENT_ADDRESS]

@@ -47,7 +47,8 @@ from .protocol import (
     Ask,
     parse_client_message,
 )
-from .requester import user_of
+from .access import requires
+from .requester import client_address, user_of
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +337,7 @@ async def collect(core: Conversations, session: str, request_id: str, after: int
 
 # --- handlers ----------------------------------------------------------------------------------
 
+@requires("user", audit="ask")  # any signed-in user may ask; a POST is admin-only otherwise
 async def ask(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     check_fields(body, {"text", "session", "id", "kbs", "options"})
@@ -353,7 +355,7 @@ async def ask(request: web.Request) -> web.StreamResponse:
     user = user_of(request)
     opened = await core.open(user, session)
     await core.ask(opened.session, user, question.id, question.text, question.kbs,
-                   RequestOptions(retrieval=retrieval))
+                   RequestOptions(retrieval=retrieval), address=client_address(request))
     if wants_stream(request):
         return await stream_events(request, core, opened.session, question.id, 0)
     return (await collect(core, opened.session, question.id, 0)).document(opened.session,
@@ -376,13 +378,15 @@ async def request_events(request: web.Request) -> web.StreamResponse:
     return await stream_events(request, core, session, request_id, after)
 
 
+@requires("user", audit="cancel")
 async def cancel_request(request: web.Request) -> web.Response:
     session, request_id = request.match_info["session"], request.match_info["request"]
     core = request.app[keys.CONVERSATIONS]
     if await core.state(session, user_of(request), request_id) is None:
         raise ProtocolError(UNKNOWN_REQUEST, f"no request {request_id!r} in this session",
                             id=request_id)
-    await core.cancel(session, request_id)
+    await core.cancel(session, request_id, user=user_of(request),
+                      address=client_address(request))
     return web.json_response({"session": session, "id": request_id, "cancelling": True},
                              status=202, headers=named(session, request_id))
 

@@ -16,6 +16,7 @@ from scripted import ScriptedAnswers
 
 from edgekb.app import create_app
 from edgekb.config import load_settings
+from edgekb.tokens import token_authority
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -109,17 +110,31 @@ def _outward_address() -> str | None:
     return None if address.startswith("127.") else address
 
 
-@pytest.mark.parametrize("access, status", [("loopback", 403), ("token", 200)])
-async def test_metrics_from_another_machine_are_refused_unless_configured(
-        aiohttp_server, aiohttp_client, tmp_path: Path, access: str, status: int) -> None:
+@pytest.mark.parametrize("access, anonymous, signed_in", [("loopback", 403, 403),
+                                                         ("token", 401, 200)])
+async def test_metrics_from_another_machine_need_the_token_mode_and_a_credential(
+        aiohttp_server, aiohttp_client, tmp_path: Path, access: str, anonymous: int,
+        signed_in: int) -> None:
     address = _outward_address()
     if address is None:
         pytest.skip("this machine has no address besides loopback")
     settings = load_settings(env={}, overrides={
         "data_dir": tmp_path / "data", "storage.min_free_mb": 0, "metrics.access": access})
+    token, _ = token_authority(settings).issue("scraper", "user", 3600)
     server = await aiohttp_server(create_app(settings, answers=ScriptedAnswers()), host=address)
     client = await aiohttp_client(server)
     response = await client.get("/metrics")
-    assert response.status == status
-    if status == 403:
-        assert (await response.json())["error"]["code"] == "forbidden"
+    assert response.status == anonymous
+    assert (await response.json())["error"]["code"] in ("forbidden", "unauthorized")
+    response = await client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    assert response.status == signed_in
+    if signed_in == 200:
+        assert "edgekb_requests_total" in await response.text()
+
+
+async def test_metrics_on_this_machine_need_a_credential_in_the_token_mode(
+        aiohttp_client, tmp_path: Path) -> None:
+    settings = load_settings(env={}, overrides={
+        "data_dir": tmp_path / "data", "storage.min_free_mb": 0, "metrics.access": "token"})
+    client = await aiohttp_client(create_app(settings, answers=ScriptedAnswers()))
+    assert (await client.get("/metrics")).status == 401

@@ -23,7 +23,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sse_client import SseParser, answer_of, read_events, request_events
 
-from conftest import DEMO_QUESTION, Server, collect, edgekb_env, start_server
+from conftest import DEMO_QUESTION, Server, collect, edgekb_env, issue_token, start_server
 from faultproxy import FaultProxy
 
 # One token per delta (many events: cuts land everywhere), one source (a short prompt).
@@ -54,10 +54,10 @@ def http_server(tmp_path_factory: pytest.TempPathFactory, demo_data_dir: Path,
     srv.stop()
 
 
-async def uncut(url: str) -> list[dict[str, Any]]:
+async def uncut(srv: Server) -> list[dict[str, Any]]:
     """The demo question in a new session, over SSE without cuts: the reference answer."""
-    async with aiohttp.ClientSession() as http, http.post(
-            url + "api/ask", json={"text": DEMO_QUESTION}, headers=SSE) as response:
+    async with aiohttp.ClientSession(headers=srv.headers) as http, http.post(
+            srv.url + "api/ask", json={"text": DEMO_QUESTION}, headers=SSE) as response:
         frames = request_events(await read_events(response, timeout=ANSWER_TIMEOUT_S))
     assert frames[-1]["type"] == "done", frames[-1]
     assert answer_of(frames)
@@ -66,7 +66,7 @@ async def uncut(url: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def reference(http_server: Server) -> list[dict[str, Any]]:
-    return asyncio.run(uncut(http_server.url))
+    return asyncio.run(uncut(http_server))
 
 
 def same_answer(frames: list[dict[str, Any]], expected: list[dict[str, Any]]) -> None:
@@ -86,6 +86,7 @@ async def test_curl_streams_an_answer_as_it_is_written(http_server: Server,
     process = subprocess.Popen(
         ["curl", "-sN", "--max-time", str(ANSWER_TIMEOUT_S), "-X", "POST",
          http_server.url + "api/ask", "-H", "Accept: text/event-stream",
+         "-H", f"Authorization: Bearer {http_server.token}",
          "-H", "Content-Type: application/json", "-d", json.dumps({"text": DEMO_QUESTION})],
         stdout=subprocess.PIPE)
     parser = SseParser()
@@ -146,11 +147,11 @@ def arm_cuts(proxy: FaultProxy, budgets: list[int]) -> None:
     proxy.cut_after(budgets.pop() if budgets else None)
 
 
-async def ask_id(url: str, session: str | None, request_id: str) -> str:
+async def ask_id(srv: Server, session: str | None, request_id: str) -> str:
     """Ask without reading the answer (it goes on, stored); returns the session."""
     body = {"text": DEMO_QUESTION, "id": request_id, **({"session": session} if session else {})}
-    async with aiohttp.ClientSession() as http, http.post(url + "api/ask", json=body,
-                                                          headers=SSE) as response:
+    async with aiohttp.ClientSession(headers=srv.headers) as http, http.post(
+            srv.url + "api/ask", json=body, headers=SSE) as response:
         assert response.status == 200, await response.text()
         return response.headers["Edgekb-Session"]
 
@@ -163,20 +164,21 @@ async def test_an_sse_stream_cut_at_fifty_points_reassembles_the_answer_across_a
     rng = random.Random(20261202)
     srv = start_server(data_dir, env, *HTTP_FAST)
     try:
-        expected = await uncut(srv.url)
+        expected = await uncut(srv)
         proxy = await FaultProxy(port_of(srv)).start()
         budgets = [rng.randint(380, 900) for _ in range(CUTS // 2)]
         arm_cuts(proxy, budgets)
         parser = SseParser()
         try:
-            session = await ask_id(srv.url, None, "cut")
-            async with aiohttp.ClientSession() as http:  # half the cuts before the restart
+            session = await ask_id(srv, None, "cut")
+            # Half the cuts before the restart.
+            async with aiohttp.ClientSession(headers=srv.headers) as http:
                 await through_cuts(http, proxy, session, "cut", parser, CUTS // 2)
             before_restart = proxy.cuts
         finally:
             await proxy.close()
         # Let the answer end (the JSON form waits for it), then restart the server.
-        async with aiohttp.ClientSession() as http, http.get(
+        async with aiohttp.ClientSession(headers=srv.headers) as http, http.get(
                 f"{srv.url}api/sessions/{session}/requests/cut/events",
                 timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_S)) as response:
             assert (await response.json())["finish"] in ("stop", "length")
@@ -189,7 +191,7 @@ async def test_an_sse_stream_cut_at_fifty_points_reassembles_the_answer_across_a
         budgets = [rng.randint(380, 900) for _ in range(CUTS - before_restart)]
         arm_cuts(proxy, budgets)
         try:
-            async with aiohttp.ClientSession() as http:
+            async with aiohttp.ClientSession(headers=srv.headers) as http:
                 await through_cuts(http, proxy, session, "cut", parser)
                 same_answer(request_events(parser), expected)
                 # Cuts left over: a new question on the restarted server, cut the same way.
@@ -197,7 +199,7 @@ async def test_an_sse_stream_cut_at_fifty_points_reassembles_the_answer_across_a
                     if not budgets and proxy.cut_budget is None:
                         break
                     more = SseParser()  # a new session: the same prompt, the same answer
-                    fresh = await ask_id(srv.url, None, f"more-{n}")
+                    fresh = await ask_id(srv, None, f"more-{n}")
                     await through_cuts(http, proxy, fresh, f"more-{n}", more)
                     same_answer(request_events(more), expected)
             made = proxy.cuts
@@ -210,7 +212,7 @@ async def test_an_sse_stream_cut_at_fifty_points_reassembles_the_answer_across_a
 
 async def test_a_request_asked_over_websocket_is_resumed_over_sse(
         http_server: Server, reference: list[dict[str, Any]]) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=http_server.headers) as http:
         async with http.ws_connect(http_server.ws_url, protocols=("edgekb.v2",)) as ws:
             welcome = json.loads((await ws.receive(timeout=30)).data)
             await ws.send_json({"type": "ask", "id": "w1", "text": DEMO_QUESTION})
@@ -227,14 +229,21 @@ async def test_a_request_asked_over_websocket_is_resumed_over_sse(
     same_answer(seen + rest, reference)
 
 
-def openai_client(srv: Server) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=srv.url + "v1", api_key="unused", max_retries=0,
+@pytest.fixture(scope="module")
+def user_token(http_server: Server, models_cache: Path) -> str:
+    """A plain user's token, made as an operator makes one for a tool (`edgekb token issue`)."""
+    return issue_token(http_server.data_dir, edgekb_env(models_cache), role="user", sub="hmi")
+
+
+def openai_client(srv: Server, token: str) -> openai.AsyncOpenAI:
+    """The official client; its api_key carries our token (Authorization: Bearer)."""
+    return openai.AsyncOpenAI(base_url=srv.url + "v1", api_key=token, max_retries=0,
                               timeout=ANSWER_TIMEOUT_S)
 
 
 async def test_the_openai_client_streams_a_chat_completion_with_its_sources(
-        http_server: Server, reference: list[dict[str, Any]]) -> None:
-    async with openai_client(http_server) as client:
+        http_server: Server, reference: list[dict[str, Any]], user_token: str) -> None:
+    async with openai_client(http_server, user_token) as client:
         stream = await client.chat.completions.create(
             model="gemma3-270m", stream=True,
             messages=[{"role": "user", "content": DEMO_QUESTION}])
@@ -250,8 +259,8 @@ async def test_the_openai_client_streams_a_chat_completion_with_its_sources(
 
 
 async def test_the_openai_client_resumes_a_background_response_after_a_cut(
-        http_server: Server, reference: list[dict[str, Any]]) -> None:
-    async with openai_client(http_server) as client:
+        http_server: Server, reference: list[dict[str, Any]], user_token: str) -> None:
+    async with openai_client(http_server, user_token) as client:
         created = await client.responses.create(model="gemma3-270m", input=DEMO_QUESTION,
                                                 background=True)
         stream = await client.responses.retrieve(created.id, stream=True)
@@ -282,7 +291,7 @@ async def scrape(http: aiohttp.ClientSession, srv: Server) -> dict[tuple[str, st
 
 async def test_metrics_parse_and_move_and_readiness_holds_on_the_real_server(
         http_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=http_server.headers) as http:
         before = await scrape(http, http_server)
         async with http.ws_connect(http_server.ws_url, protocols=("edgekb.v2",)) as ws:
             await ws.receive(timeout=30)

@@ -27,7 +27,7 @@ async def core(aiohttp_client, tmp_path: Path) -> Core:  # type: ignore[no-untyp
 
 def client_of(core: Core) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{core.client.server.port}/v1",
-                              api_key="unused", max_retries=0, timeout=10)
+                              api_key=core.token, max_retries=0, timeout=10)
 
 
 async def test_models_lists_the_configured_llm(core: Core) -> None:

@@ -205,7 +205,8 @@ async def test_fifty_random_cuts_resumed_by_last_event_id_reassemble_the_stream(
     arm_random_cuts(proxy, 50, random.Random(11))
     parser = SseParser()
     try:
-        async with aiohttp.ClientSession(f"http://127.0.0.1:{proxy.port}") as http:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{proxy.port}",
+                                         headers=core.client.session.headers) as http:
             for attempt in range(400):
                 frames = request_events(parser)
                 if frames and frames[-1]["type"] == "done":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from urllib.parse import quote
 import pytest
 
 from browser import CHROMIUM, Browser, BrowserError
-from conftest import DEMO_QUESTION, Server
+from conftest import DEMO_QUESTION, Server, edgekb_env
 
 QUESTION, ASK, STOP = "[data-testid=question]", "[data-testid=ask]", "[data-testid=stop]"
 ANSWER_TIMEOUT = 180
@@ -48,7 +50,16 @@ async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
         await b.close()
 
 
-async def open_page(browser: Browser, url: str) -> None:
+async def sign_in(browser: Browser, server: Server) -> None:
+    """What a login leaves in the browser: the HttpOnly token cookie (set here through
+    DevTools; test_login_screen_signs_in_and_out goes through the login screen itself)."""
+    await browser.send("Network.setCookie", name="edgekb_token", value=server.token,
+                       url=server.url, httpOnly=True, sameSite="Strict")
+
+
+async def open_page(browser: Browser, url: str, server: Server | None = None) -> None:
+    if server is not None:
+        await sign_in(browser, server)
     await browser.navigate(url)
     await browser.wait_for("document.querySelector('[data-testid=conn]').dataset.state === 'up'",
                            timeout=30)
@@ -74,7 +85,7 @@ async def card_when(browser: Browser, count: int, stages: tuple[str, ...],
 
 async def test_demo_question_shows_sources_then_answer(browser: Browser, server: Server,
                                                        tmp_path: Path) -> None:
-    await open_page(browser, server.url)
+    await open_page(browser, server.url, server)
     # Note the answer text at the moment the sources first appear: it must still be empty.
     await browser.evaluate("""window.answerAtSources = null;
       new MutationObserver(() => {
@@ -109,7 +120,7 @@ async def test_demo_question_shows_sources_then_answer(browser: Browser, server:
 
 
 async def test_q_parameter_asks_once_on_load(browser: Browser, server: Server) -> None:
-    await open_page(browser, f"{server.url}?q={quote(DEMO_QUESTION)}")
+    await open_page(browser, f"{server.url}?q={quote(DEMO_QUESTION)}", server)
     card = await card_when(browser, 1, FINAL)
     assert card["stage"] in ANSWERED, card
     assert card["question"] == DEMO_QUESTION
@@ -119,7 +130,7 @@ async def test_q_parameter_asks_once_on_load(browser: Browser, server: Server) -
 
 async def test_stop_cancels_the_answer_and_the_page_still_answers(browser: Browser,
                                                                   server: Server) -> None:
-    await open_page(browser, server.url)
+    await open_page(browser, server.url, server)
     await ask(browser, DEMO_QUESTION)
     running = await card_when(browser, 1, ("reading", "generating", *FINAL))
     assert running["stage"] in ("reading", "generating"), f"finished before Stop: {running}"
@@ -139,3 +150,34 @@ async def test_stop_cancels_the_answer_and_the_page_still_answers(browser: Brows
         "document.querySelectorAll('#cards > .card')[1]"
         ".querySelector('[data-testid=status]').dataset.stage")
     assert older == "cancelled"
+
+
+async def test_login_screen_signs_in_and_out(browser: Browser, server: Server,
+                                             models_cache: Path) -> None:
+    env = edgekb_env(models_cache)
+    added = subprocess.run([sys.executable, "-m", "edgekb", "users", "add", "tech1",
+                            "--password-stdin", "--data-dir", str(server.data_dir)],
+                           input="wrench-and-gauge\n", env=env, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert added.returncode == 0, added.stderr
+    await browser.navigate(server.url)
+    await browser.wait_for("!document.querySelector('[data-testid=login]').hidden", timeout=30)
+    assert await browser.evaluate("document.querySelector('#ask-form').hidden") is True
+    await browser.type_into("[data-testid=login-name]", "tech1")
+    await browser.type_into("[data-testid=login-password]", "not-the-password")
+    await browser.click("[data-testid=login-submit]")
+    await browser.wait_for("document.querySelector('#notice').textContent.includes('wrong')",
+                           timeout=30)
+    await browser.type_into("[data-testid=login-password]", "wrench-and-gauge")
+    await browser.click("[data-testid=login-submit]")
+    await browser.wait_for("document.querySelector('[data-testid=conn]').dataset.state === 'up'",
+                           timeout=30)
+    # The token is in an HttpOnly cookie: the page's script cannot read it.
+    assert "edgekb_token" not in await browser.evaluate("document.cookie")
+    await ask(browser, DEMO_QUESTION)
+    card = await card_when(browser, 1, FINAL)
+    assert card["stage"] in ANSWERED, card
+    await browser.click("[data-testid=logout]")
+    await browser.wait_for("!document.querySelector('[data-testid=login]').hidden", timeout=30)
+    await browser.navigate(server.url)  # a reload stays signed out
+    await browser.wait_for("!document.querySelector('[data-testid=login]').hidden", timeout=30)

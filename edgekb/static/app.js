@@ -4,7 +4,8 @@
 (() => {
   const $ = (s) => document.querySelector(s);
   const form = $('#ask-form'), input = $('#q'), stopBtn = $('#stop'),
-    conn = $('#conn'), cards = $('#cards'), notice = $('#notice');
+    conn = $('#conn'), cards = $('#cards'), notice = $('#notice'),
+    loginForm = $('#login-form'), logoutBtn = $('#logout');
   const PING_EVERY = 15000, PONG_WAIT = 10000, MAX_DELAY = 15000;
   const STAGES = { retrieving: 'Searching the manuals…', reading: 'Reading sources…',
     generating: 'Writing the answer…' };
@@ -29,24 +30,93 @@
     return true;
   }
 
+  // ---- signing in: the server sets an HttpOnly cookie (script never sees the token) and
+  // returns a CSRF token, also kept in a readable cookie, that state-changing requests echo.
+  let signedIn = false, failures = 0;
+  function csrf() {
+    const m = document.cookie.match(/(?:^|; )edgekb_csrf=([^;]*)/);
+    return m ? decodeURIComponent(m[1]) : '';
+  }
+  function showLogin(message) {
+    signedIn = false;
+    if (ws) { const s = ws; ws = null; s.onopen = s.onmessage = s.onclose = null; s.close(); }
+    stopPing(); clearTimeout(retryTimer); retryTimer = 0;
+    loginForm.hidden = false; form.hidden = true; logoutBtn.hidden = true;
+    setConn('down', 'Signed out');
+    showNotice(message || '');
+    $('#login-name').focus();
+  }
+  function showApp(me) {
+    signedIn = true; failures = 0;
+    loginForm.hidden = true; form.hidden = false;
+    logoutBtn.hidden = !me || me.via !== 'cookie';
+    if (me && me.user) conn.title = 'Signed in as ' + me.user;
+    showNotice('');
+    connect();
+  }
+  // Who am I? 200: connect; 401: the login screen. A server that cannot be reached is retried.
+  async function checkSession() {
+    try {
+      const r = await fetch('/api/me', { credentials: 'same-origin' });
+      if (r.status === 401) { showLogin(''); return false; }
+      if (r.ok) { showApp(await r.json()); return true; }
+    } catch (e) { /* offline: fall through to a retry */ }
+    setConn('down', 'Server unreachable');
+    retryTimer = setTimeout(checkSession, Math.min(delay *= 2, MAX_DELAY));
+    return false;
+  }
+  loginForm.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    const name = $('#login-name').value, password = $('#login-password').value;
+    let r;
+    try {
+      r = await fetch('/api/login', { method: 'POST', credentials: 'same-origin',
+        headers: { 'Content-Type': 'application/json' }, body: JSON.stringify({ name, password }) });
+    } catch (err) { showNotice('The server cannot be reached.'); return; }
+    $('#login-password').value = '';
+    if (r.ok) { showApp(await r.json()); return; }
+    let body = {};
+    try { body = await r.json(); } catch (err) { /* not JSON */ }
+    const error = body.error || {};
+    showNotice(error.code === 'rate_limited' ? 'Too many failed sign-ins: wait ' +
+      Math.ceil(error.retry_after || 1) + ' s.' : (error.message || 'Sign-in failed.'));
+  });
+  logoutBtn.addEventListener('click', async () => {
+    try {
+      await fetch('/api/logout', { method: 'POST', credentials: 'same-origin',
+        headers: { 'X-CSRF-Token': csrf() } });
+    } catch (e) { /* signed out locally anyway */ }
+    showLogin('Signed out.');
+  });
+
   // ---- connection, reconnect with backoff, app-level heartbeat ----
   function connect() {
     clearTimeout(retryTimer); retryTimer = 0;
-    if (ws) return;
+    if (ws || !signedIn) return;
     setConn('connecting', 'Connecting…');
     const url = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws' +
       (session ? '?session=' + encodeURIComponent(session) : '');
     let s;
     try { s = new WebSocket(url, ['edgekb.v2']); } catch (e) { scheduleRetry(); return; }
     ws = s;
-    s.onopen = () => { rx++; setConn('up', 'Connected'); startPing(); flush(); };
+    s.onopen = () => { rx++; failures = 0; setConn('up', 'Connected'); startPing(); flush(); };
     s.onmessage = (ev) => {
       rx++;
       let m;
       try { m = JSON.parse(ev.data); } catch (e) { return; }
       if (m && typeof m.type === 'string') onEvent(m);
     };
-    s.onclose = () => lost(s);
+    s.onclose = (ev) => {
+      // 4001: the login ended (expired, revoked). A handshake refused with 401 shows as 1006
+      // to scripts: after a few failed attempts in a row, ask the server who we are.
+      if (ev.code === 4001 || (!s.opened && ++failures >= 2)) {
+        if (s === ws) { ws = null; stopPing(); }
+        checkSession();
+        return;
+      }
+      lost(s);
+    };
+    s.addEventListener('open', () => { s.opened = true; });
   }
 
   // Called on close and on a dead link. Detach the old socket at once: a half-dead socket's
@@ -302,5 +372,5 @@
 
   const q = new URLSearchParams(location.search).get('q');
   if (q && q.trim()) ask(q.trim()); // sent as soon as the socket opens
-  connect();
+  checkSession();
 })();
