@@ -270,8 +270,8 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
                       "OpenAI chat.completion.chunk SSE events, one per token, with HTTP "
                       "headers and chunked framing; 1 answer")
             log("wire: the same answer over SSE and over /v1/chat/completions")
-            sse_run = await wire.sse_answer_bytes(main.port, QUESTIONS[0])
-            chat_run = await wire.openai_answer_bytes(main.port, QUESTIONS[0])
+            sse_run = await wire.sse_answer_bytes(main.port, QUESTIONS[0], main.headers)
+            chat_run = await wire.openai_answer_bytes(main.port, QUESTIONS[0], main.headers)
             sse = wire.compare(sse_run, raw.token_pieces, raw.entry.name)
             sheet.put("wire_bytes_ratio_sse", sse["ratio"],
                       "server->client TCP bytes of one whole answer over our SSE (POST "

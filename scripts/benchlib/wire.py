@@ -144,14 +144,14 @@ async def answer_bytes(ws_url_port: int, question: str, compress: int,
     return WireRun(proxy.down_bytes, text, done["usage"].get("completion_tokens", 0), by_type)
 
 
-async def _stream_through_proxy(port: int, path: str, body: dict[str, Any]
-                                ) -> tuple[int, list[str]]:
+async def _stream_through_proxy(port: int, path: str, body: dict[str, Any],
+                                headers: dict[str, str]) -> tuple[int, list[str]]:
     """POST ``body`` through a counting proxy, read the SSE response to its end; returns the
     server->client bytes and the data lines."""
     proxy = CountingProxy(port)
     await proxy.start()
     try:
-        async with aiohttp.ClientSession() as http, http.post(
+        async with aiohttp.ClientSession(headers=headers) as http, http.post(
                 f"http://{HOST}:{proxy.port}{path}", json=body,
                 headers={"Accept": "text/event-stream"},
                 timeout=aiohttp.ClientTimeout(total=PROXY_LIFETIME_S)) as response:
@@ -165,9 +165,9 @@ async def _stream_through_proxy(port: int, path: str, body: dict[str, Any]
     return proxy.down_bytes, data
 
 
-async def sse_answer_bytes(port: int, question: str) -> WireRun:
+async def sse_answer_bytes(port: int, question: str, headers: dict[str, str]) -> WireRun:
     """One whole answer in a new session over our SSE (POST /api/ask)."""
-    down, data = await _stream_through_proxy(port, "/api/ask", {"text": question})
+    down, data = await _stream_through_proxy(port, "/api/ask", {"text": question}, headers)
     events = [json.loads(d) for d in data]
     by_type: dict[str, int] = {}
     for event, line in zip(events, data):
@@ -179,10 +179,11 @@ async def sse_answer_bytes(port: int, question: str) -> WireRun:
     return WireRun(down, text, done["usage"].get("completion_tokens", 0), by_type)
 
 
-async def openai_answer_bytes(port: int, question: str) -> WireRun:
+async def openai_answer_bytes(port: int, question: str, headers: dict[str, str]) -> WireRun:
     """The same answer over our OpenAI-compatible streaming chat completions."""
     down, data = await _stream_through_proxy(port, "/v1/chat/completions", {
-        "model": "edgekb", "stream": True, "messages": [{"role": "user", "content": question}]})
+        "model": "edgekb", "stream": True, "messages": [{"role": "user", "content": question}]},
+        headers)
     chunks = [json.loads(d) for d in data if d != "[DONE]"]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
                    if c.get("choices"))
