@@ -47,7 +47,7 @@ def server(manuals_dir: Path, models_cache: Path) -> Iterator[Server]:
 
 
 async def ask(server: Server, request_id: str, question: str) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         ws = await http.ws_connect(server.ws_url, protocols=("edgekb.v2",))
         await receive_json(ws)  # welcome
         await ws.send_json({"type": "ask", "id": request_id, "text": question})
