@@ -143,6 +143,7 @@ async def delete_document(request: web.Request) -> web.Response:
         return result
 
     result = await service.run(remove)
+    request.app[keys.METRICS].file_ingested(result.status)
     settings = request.app[keys.SETTINGS]
     kept = Path(doc.path)
     if kept.parent == settings.docs_dir / kb:  # an uploaded copy is ours to delete
@@ -242,6 +243,8 @@ async def _stream_ingest(request: web.Request, service: IngestService, kb: str,
     task = asyncio.ensure_future(service.run(run))
     # Unbounded but finite: one line per file of this request, plus the summary.
     while (line := await lines.get()) is not None:
+        if line["type"] == "file":
+            request.app[keys.METRICS].file_ingested(line["status"])
         await response.write(json.dumps(line).encode() + b"\n")
     await task
     await _announce_update(request, kb)

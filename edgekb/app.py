@@ -28,14 +28,18 @@ from .engines import (
     open_library,
     prompt_builder,
 )
+from .health import setup_health
 from .http_errors import error_middleware
 from .ingest_service import IngestService
 from .llm import LlmEngine
 from .llm_remote import RemoteLlm
+from .metrics import Metrics
 from .notices import broadcast
+from .openai_api import openai_error_shape, setup_openai
 from .retrieval import Searcher
 from .scheduler import FairQueue
 from .security import AUDIT, QUESTION_RATE, security_context
+from .sse import close_streams, setup_sse
 from .store import AsyncStore
 from .ws import sweep, websocket_handler
 
@@ -46,10 +50,13 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, answers: Answers | None = None) -> web.Application:
     """The appliance. With ``answers`` (the tests' scripted engine) no model is loaded: the
     conversation core and the transports run on it, and the document API is unavailable."""
-    # The access middleware comes first: nothing runs for a request it refuses.
+    # The access middleware comes before any handler: nothing runs for a request it refuses.
+    # openai_error_shape wraps it: it reshapes every error body of /v1 the layers inside made,
+    # the access layer's refusals included.
     app = web.Application(client_max_size=settings.server.max_message_bytes,
-                          middlewares=[access_middleware, error_middleware])
+                          middlewares=[openai_error_shape, access_middleware, error_middleware])
     app[keys.SETTINGS] = settings
+    app[keys.METRICS] = Metrics()
     app[keys.CONNECTIONS] = set()  # each handler removes its own when it ends
     # security_context refuses an unsafe exposure before any model is loaded.
     app.cleanup_ctx.extend([_store, security_context])
@@ -58,11 +65,13 @@ def create_app(settings: Settings, answers: Answers | None = None) -> web.Applic
     else:
         app[keys.ANSWERS] = answers
     app.cleanup_ctx.extend([_conversations, sweep])
-    app.on_shutdown.append(_close_sockets)
+    app.on_shutdown.extend([close_streams, _close_sockets])  # streams end before the answers
     app.router.add_get("/ws", websocket_handler)
-    app.router.add_get("/healthz", _healthz)
     app.router.add_get("/api/status", _status)
+    setup_health(app)
     setup_api(app)
+    setup_sse(app)
+    setup_openai(app)
     add_login_routes(app)
     app.router.add_get("/", _index_page)
     app.router.add_static("/static/", STATIC_DIR)
@@ -146,6 +155,7 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
     conversations = Conversations(store, app[keys.ANSWERS], queue, options,
                                   grace_s=settings.sessions.grace_s, data_dir=settings.data_dir,
                                   min_free_bytes=settings.storage.min_free_mb * 2**20,
+                                  metrics=app[keys.METRICS],
                                   question_rate=app[QUESTION_RATE], audit=app[AUDIT])
     app[keys.CONVERSATIONS] = conversations
     yield
@@ -163,10 +173,6 @@ async def _close_sockets(app: web.Application) -> None:
     await app[keys.CONVERSATIONS].close()
     for conn in connections:
         conn.end(WSCloseCode.GOING_AWAY, b"server shutting down")
-
-
-async def _healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
 
 
 async def _status(request: web.Request) -> web.Response:

@@ -81,6 +81,16 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    heartbeat_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    access: str = "loopback"
+
+
+@dataclass(frozen=True)
 class IngestSettings:
     max_file_mb: int = 64
     part_inflated_mb: int = 64
@@ -174,6 +184,8 @@ class Settings:
     queue: QueueSettings = field(default_factory=QueueSettings)
     sessions: SessionsSettings = field(default_factory=SessionsSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
@@ -267,6 +279,8 @@ _CHECKS: dict[str, _Check] = {
     "queue.max_per_user": _between(1, 100),
     "sessions.grace_s": _at_least(0),
     "storage.min_free_mb": _between(0, 1 << 20),
+    "http.heartbeat_s": ((lambda v: v > 0), "be greater than 0"),
+    "metrics.access": ((lambda v: v in ("loopback", "token")), "be loopback or token"),
     "generation.state_cache_mb": _between(0, 4096),
     "models.llm": _NON_EMPTY,
     "models.embedder": _NON_EMPTY,

@@ -12,6 +12,10 @@ written here (through sessions.py), so every transport gets the same guarantees:
   only once stored (runs.py); when nobody has followed it for the grace time it is cancelled
   (one timer per run, cancelled whenever someone follows again);
 - only answered turns (finish stop or length) go into later prompts.
+
+Per request, ``RequestOptions`` lets a transport say what its clients mean: answer without
+retrieval, answer on a conversation the client holds itself (OpenAI's ``messages``), or keep
+answering with nobody following (OpenAI's ``background``).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from .audit import AuditLog
 from .errors import Busy, DiskFull, EdgekbError, Interrupted, ProtocolError, StorageError
 from .idle import HeadReader
 from .limits import QuestionRate
+from .metrics import Metrics
 from .protocol import ID_REUSE, UNKNOWN_REQUEST, valid_session_id
-from .runs import LogWriter, RequestRun, Send
+from .runs import LogWriter, RequestOptions, RequestRun, Send
 from .scheduler import FairQueue, Ticket
 from .sessions import Ending, Turn
 from .store import AsyncStore
@@ -49,6 +54,13 @@ MAX_ISSUED_SESSIONS = 4096
 
 
 @dataclass(frozen=True)
+class RequestState:
+    state: str          # running, done, cancelled, failed, interrupted
+    last_seq: int       # the highest seq stored so far
+    created_at: float   # when it was asked (Unix time)
+
+
+@dataclass(frozen=True)
 class Opened:
     session: str
     resumed: bool                     # the session existed (and is this user's)
@@ -59,6 +71,7 @@ class Conversations:
     def __init__(self, store: AsyncStore, answers: Answers, queue: FairQueue,
                  options: AnswerOptions, grace_s: float, *, data_dir: Path,
                  min_free_bytes: int, linger_s: float = 30.0,
+                 metrics: Metrics | None = None,
                  question_rate: QuestionRate | None = None,
                  audit: AuditLog | None = None) -> None:
         self.store = store
@@ -73,6 +86,7 @@ class Conversations:
         self.data_dir = data_dir
         self.min_free_bytes = min_free_bytes
         self.live: dict[tuple[str, str], RequestRun] = {}
+        self.metrics = metrics or Metrics()
         self.closing = False
         self._writer = LogWriter(store, self._ended)
         self._heads = HeadReader(self._answered_turns, answers.prefill, self._llm_idle)
@@ -96,16 +110,18 @@ class Conversations:
         return Opened(session, False, [])
 
     async def ask(self, session_id: str, user: str, request_id: str, question: str,
-                  kbs: tuple[str, ...] | None = None, *, address: str = "") -> None:
+                  kbs: tuple[str, ...] | None = None,
+                  options: RequestOptions = RequestOptions(), *, address: str = "") -> None:
         """Start answering; the events are read with ``follow``. A refused question raises a
         typed error that names the request, and leaves nothing stored (the audit trail
         records it). ``address``: the client's, for the audit trail."""
         try:
             if self.question_rate is not None:
                 self.question_rate.take(user)  # raises RateLimited with retry_after
-            await self._start(session_id, user, request_id, question, kbs)
+            await self._start(session_id, user, request_id, question, kbs, options)
         except EdgekbError as exc:
             exc.details.setdefault("id", request_id)
+            self.metrics.refused(exc.code)
             self._audit("question", user, address, session_id, request_id, exc.code, question)
             raise
         self._audit("question", user, address, session_id, request_id, "ok", question)
@@ -122,14 +138,14 @@ class Conversations:
                           coalesce=None if outcome == "ok" else f"{event}:{user}:{outcome}")
 
     async def _start(self, session_id: str, user: str, request_id: str, question: str,
-                     kbs: tuple[str, ...] | None) -> None:
+                     kbs: tuple[str, ...] | None, options: RequestOptions) -> None:
         if self.closing:
             raise Busy("the server is going down; ask again in a moment", retry_after=10)
         self._check_disk()
         key = (session_id, request_id)
         if key in self.live:
             raise _id_reuse(request_id)
-        run = RequestRun(session_id, request_id, user, question, kbs)
+        run = RequestRun(session_id, request_id, user, question, kbs, options)
         ticket = self.queue.enqueue(user, lambda p: run.append(
             events.queued(p, self.queue.wait_s(p) if p else None)))
         self._heads.question_for(session_id)
@@ -171,13 +187,20 @@ class Conversations:
         self._audit("cancel", user, address, session_id, request_id, "ok")
         self._stop(run)
 
-    async def follow(self, session_id: str, request_id: str, after: int, send: Send) -> None:
+    async def follow(self, session_id: str, request_id: str, after: int, send: Send, *,
+                     live: bool = True) -> None:
         """Send every saved event of the request with seq > after, live ones as they come;
-        returns once the last one is sent."""
+        returns once the last one is sent (``live`` False: once the saved ones are)."""
         run = self.live.get((session_id, request_id))
         if run is None:
-            await self._replay_stored(session_id, request_id, after, send)
+            await self._replay_stored(session_id, request_id, after, send, live)
             return
+        if not live:
+            await run.follow(after, send, live=False)
+            return
+        # The asker's own first follow is not a resume; every later one is.
+        self.metrics.followed(resume=run.follows > 0, replayed=max(0, run.saved - after))
+        run.follows += 1
         run.followers += 1
         if run.grace is not None:
             run.grace.cancel()
@@ -195,6 +218,19 @@ class Conversations:
         turns = await self.store.read(lambda db: sessions.turns(db, session_id, before,
                                                                 limit + 1))
         return turns[-limit:], len(turns) > limit
+
+    async def state(self, session_id: str, user: str, request_id: str) -> RequestState | None:
+        """Where a request of one of this user's sessions stands; None when the session is not
+        theirs or the request unknown (the two are not told apart)."""
+        run = self.live.get((session_id, request_id))
+        if run is not None:
+            if run.user != user:
+                return None
+            return RequestState(run.ending.state if run.ending and run.complete else "running",
+                                run.saved, run.created_at)
+        owner = await self.store.read(lambda db: sessions.session_owner(db, session_id))
+        found = await self._state(session_id, request_id) if owner == user else None
+        return RequestState(*found) if found else None
 
     def running(self, session_id: str) -> list[dict[str, Any]]:
         return [{"id": run.id, "seq": run.saved} for (sid, _), run in self.live.items()
@@ -239,7 +275,7 @@ class Conversations:
                            f"{self.min_free_bytes / 2**20:.0f} MB); ask an admin to make room",
                            retry_after=60)
 
-    async def _state(self, session_id: str, request_id: str) -> tuple[str, int] | None:
+    async def _state(self, session_id: str, request_id: str) -> tuple[str, int, float] | None:
         return await self.store.read(lambda db: sessions.request_state(db, session_id,
                                                                        request_id))
 
@@ -258,6 +294,8 @@ class Conversations:
             run.task.cancel()  # waiting for the LLM: leave the queue now
 
     def _unfollowed(self, run: RequestRun) -> None:
+        if run.options.detached:
+            return
         if run.followers == 0 and not run.finished and run.grace is None:
             run.grace = asyncio.get_running_loop().call_later(self.grace_s, self._grace_expired,
                                                               run)
@@ -269,10 +307,12 @@ class Conversations:
             self._stop(run)
 
     async def _replay_stored(self, session_id: str, request_id: str, after: int,
-                             send: Send) -> None:
+                             send: Send, counted: bool) -> None:
         state = await self._state(session_id, request_id)
         if state is None:
             raise _unknown(request_id)
+        if counted:
+            self.metrics.followed(resume=True, replayed=max(0, state[1] - after))
         cursor = after
         for _ in range(state[1] // REPLAY_PAGE + 2):  # bounded: the log has last_seq events
             page = await self.store.read(lambda db: sessions.frames_after(
@@ -294,10 +334,13 @@ class Conversations:
                 raise asyncio.CancelledError
             async with self.queue.hold(ticket):
                 run.stage = "running"
-                history = await self._answered_turns(run.session_id)
-                options = replace(self.options, kbs=run.kbs)
+                held = run.options.conversation
+                history = await self._answered_turns(run.session_id) if held is None \
+                    else _client_turns(held)
+                options = replace(self.options, kbs=run.kbs, retrieval=run.options.retrieval)
                 async for item in self.answers.answer(run.question, options, run.cancel,
-                                                      history, run.session_id):
+                                                      history, run.session_id if held is None
+                                                      else None):
                     if isinstance(item, AnswerEnd):
                         end = item  # its `done` goes out with the turn, below
                         continue
@@ -325,7 +368,8 @@ class Conversations:
         log.info("request %s (%s) after %d events", ending.state, ending.finish, len(run.frames))
         asyncio.get_running_loop().call_later(
             self.linger_s, self.live.pop, (run.session_id, run.id), None)
-        if ending.state == "done" and not self.closing:
+        self.metrics.ended(ending.finish, run.frames[-1])
+        if ending.state == "done" and not self.closing and run.options.conversation is None:
             self._heads.answered(run.session_id)
         # Started before the last event is released, so a follow-up finds its head being read.
         self._heads.start_if_idle()
@@ -345,6 +389,12 @@ def _ending(question: str, final: dict[str, Any], text: str,
         finish = final["code"]
         state = "interrupted" if finish == "interrupted" else "failed"
     return Ending(state, question, text, sources, finish)
+
+
+def _client_turns(pairs: tuple[tuple[str, str], ...]) -> list[Turn]:
+    """A conversation the client holds, as turns for the prompt (numbered from 1)."""
+    return [Turn(n, "", question, answer, [], "stop", 0.0)
+            for n, (question, answer) in enumerate(pairs, start=1)]
 
 
 def _id_reuse(request_id: str) -> ProtocolError:

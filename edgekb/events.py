@@ -39,6 +39,7 @@ SPEC: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "pong": ({}, {}),
     "history": ({"session": str, "turns": list, "more": bool}, {}),
     "notice": ({"event": str, "message": str}, {"kb": str}),
+    "request": ({"session": str, "id": str, "after": int}, {}),
     "queued": ({"id": str, "seq": int, "position": int}, {"wait_s": _OPTIONAL_NUMBER}),
     "status": ({"id": str, "seq": int, "stage": str}, {"progress": _NUMBER}),
     "source": ({"id": str, "seq": int, "n": int, "doc": str, "title": str, "where": str,
@@ -88,6 +89,12 @@ def notice(event: str, message: str, *, kb: str | None = None) -> Event:
     if kb is not None:
         body["kb"] = kb
     return body
+
+
+def request(session: str, request_id: str, after: int) -> Event:
+    """The first event of an HTTP event stream (SSE): whose events follow, from which seq on.
+    It has no seq of its own (it is not in the request's log)."""
+    return {"type": "request", "session": session, "id": request_id, "after": after}
 
 
 def error(exc: EdgekbError) -> Event:

@@ -25,7 +25,7 @@ STATUS_BY_CODE = {
     "not_found": 404, "too_large": 413, "invalid_kb": 400, "bad_upload": 400,
     "unauthorized": 401, "forbidden": 403, "rate_limited": 429, "busy": 503,
     "unavailable": 503, "disk_full": 507, "storage_error": 507, "internal": 500,
-    "no_documents": 400,
+    "no_documents": 400, "unknown_request": 404, "id_reuse": 409, "interrupted": 503,
     # the access layer (access.py, connguard.py)
     "login_failed": 401, "forbidden_origin": 403, "csrf_required": 403, "bad_host": 400,
     "too_many_connections": 429, "server_full": 503, "too_slow": 408, "invalid_user": 400,

@@ -14,9 +14,11 @@ from .index import Library
 from .ingest_service import IngestService
 from .llm import LlmEngine
 from .llm_remote import RemoteLlm
+from .metrics import Metrics
 from .store import AsyncStore
 
 if TYPE_CHECKING:
+    from .sse import EventStream
     from .ws import Connection
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -28,3 +30,5 @@ LLM = web.AppKey("llm", LlmEngine | RemoteLlm)
 ANSWERS = web.AppKey("answers", Answers)
 CONVERSATIONS = web.AppKey("conversations", Conversations)
 CONNECTIONS = web.AppKey("connections", set["Connection"])
+METRICS = web.AppKey("metrics", Metrics)
+STREAMS = web.AppKey("streams", set["EventStream"])  # open HTTP event streams (SSE, OpenAI)

@@ -88,7 +88,10 @@ class PromptBuilder:
         self.sampling = dict(sampling or {})
 
     def build(self, question: str, hits: Sequence[ChunkHit],
-              history: Sequence[Turn] = ()) -> Prompt:
+              history: Sequence[Turn] = (), grounded: bool = True) -> Prompt:
+        """``grounded`` False: the model alone, without the instruction or any sources."""
+        if not grounded:
+            return self._direct(question, history)
         blocks = self._fit_sources(question, [_source_block(i + 1, h) for i, h in enumerate(hits)])
         turns = on_topic(question, self.history_turns(history), hits[: len(blocks)])
         while turns and self.count_tokens(self._render(question, blocks, turns)) > self.budget:
@@ -105,6 +108,19 @@ class PromptBuilder:
             {"role": "system", "content": TRANSLATE_INSTRUCTION},
             {"role": "user", "content": question}])
         return Prompt(text, 0, 0, (*self.stop, "\n"), self.sampling)
+
+    def _direct(self, question: str, history: Sequence[Turn]) -> Prompt:
+        turns = list(history)
+        while True:
+            if self.fmt == "chat" and self.chat_template is not None:
+                messages = [m for t in turns for m in ({"role": "user", "content": t.question},
+                                                       {"role": "assistant", "content": t.answer})]
+                text = self.chat_template([*messages, {"role": "user", "content": question}])
+            else:
+                text = f"{self._render_turns(turns)}Question: {question}\nAnswer:"
+            if not turns or self.count_tokens(text) <= self.budget:
+                return Prompt(text, 0, len(turns), self.stop)
+            turns = turns[1:]  # the oldest turns go first
 
     def history_turns(self, history: Sequence[Turn]) -> list[Turn]:
         """The newest turns that fit in half the budget (the other half is for sources).

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,17 @@ log = logging.getLogger(__name__)
 Send = Callable[[str], Awaitable[None]]  # one encoded frame
 
 
+@dataclass(frozen=True)
+class RequestOptions:
+    """How one request is answered, beyond its question."""
+
+    retrieval: bool = True   # False: the model answers alone, without sources
+    # Earlier (question, answer) pairs the client keeps itself, in place of the session's
+    # stored turns. Such a conversation lives in the client: no KV snapshot, no pre-reading.
+    conversation: tuple[tuple[str, str], ...] | None = None
+    detached: bool = False   # never cancelled for want of followers (it runs to its end)
+
+
 @dataclass(eq=False)
 class RequestRun:
     session_id: str
@@ -36,13 +48,16 @@ class RequestRun:
     user: str
     question: str
     kbs: tuple[str, ...] | None
+    options: RequestOptions = field(default_factory=RequestOptions)
     frames: list[str] = field(default_factory=list)  # events, encoded once: wire and SQLite
     saved: int = 0                 # frames[:saved] are in SQLite; only those are sent
     ending: Ending | None = None   # set with the last event, and stored with it
     # The last frame when it could not be stored: sent to followers after the saved ones,
     # without a seq (it is not part of the log).
     unsaved_end: str | None = None
+    created_at: float = field(default_factory=time.time)
     followers: int = 0
+    follows: int = 0               # follows so far (all but the first are resumes)
     grace: asyncio.TimerHandle | None = None  # one per run: cancelled when someone follows
     stage: str = "new"             # new (task not started yet), queued, running
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -94,8 +109,9 @@ class RequestRun:
         """The answer so far (decodes the log: only for endings, never per event)."""
         return sessions.logged_text(self.frames)[0]
 
-    async def follow(self, after: int, send: Send) -> None:
-        """Send the saved events with seq > after, then the live ones as they are saved."""
+    async def follow(self, after: int, send: Send, live: bool = True) -> None:
+        """Send the saved events with seq > after, then (``live``) the later ones as they are
+        saved."""
         cursor = after
         while True:
             if cursor < self.saved:
@@ -103,6 +119,8 @@ class RequestRun:
                     await send(self.frames[seq - 1])
                     cursor = seq
                 continue
+            if not live:
+                return
             if self.complete:
                 if self.unsaved_end is not None:
                     await send(self.unsaved_end)

@@ -108,10 +108,12 @@ def _end_request(store: Store, session_id: str, request_id: str, ending: Ending)
     store.conn.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
 
 
-def request_state(store: Store, session_id: str, request_id: str) -> tuple[str, int] | None:
-    row = store.conn.execute("SELECT state, last_seq FROM requests WHERE session_id=? AND id=?",
-                             (session_id, request_id)).fetchone()
-    return (row[0], row[1]) if row else None
+def request_state(store: Store, session_id: str,
+                  request_id: str) -> tuple[str, int, float] | None:
+    """(state, last seq, created at) of a request."""
+    row = store.conn.execute("SELECT state, last_seq, created_at FROM requests"
+                             " WHERE session_id=? AND id=?", (session_id, request_id)).fetchone()
+    return (row[0], row[1], row[2]) if row else None
 
 
 def frames_after(store: Store, session_id: str, request_id: str, after: int,

@@ -186,6 +186,7 @@ class Connection:
         state = self.heartbeat.check(now)
         if state == "dead":
             log.info("peer of session %s is gone: closing", self.session_id)
+            self.core.metrics.heartbeat_closed("ws")
             self.end(WSCloseCode.GOING_AWAY, b"no heartbeat")
         elif state == "ping" and (self._pinging is None or self._pinging.done()):
             self._pinging = asyncio.create_task(self._ping())

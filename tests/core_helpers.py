@@ -31,6 +31,7 @@ class Core:
     engine: ScriptedAnswers
     app: web.Application
     data_dir: Path
+    token: str = ""  # the client's credential, for the other clients a test opens
 
     @property
     def conversations(self) -> Conversations:
@@ -103,7 +104,7 @@ async def start_core(aiohttp_client: Any, data_dir: Path, user: str = "test-user
     engine = ScriptedAnswers()
     app = create_app(settings, answers=engine)
     client = await aiohttp_client(app, headers={"Authorization": f"Bearer {token}"})
-    return Core(client, engine, app, data_dir)
+    return Core(client, engine, app, data_dir, token)
 
 
 def text_of(frames: list[dict[str, Any]]) -> str:

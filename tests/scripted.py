@@ -35,6 +35,7 @@ class ScriptedAnswers:
         self.gate = asyncio.Event()            # opened by the test to let held answers go on
         self.histories: dict[str, list[str]] = {}  # question -> earlier questions it was given
         self.started: list[str] = []
+        self.options: dict[str, AnswerOptions] = {}  # question -> the options it was given
 
     def script(self, question: str, **fields: Any) -> Script:
         self.scripts[question] = Script(**fields)
@@ -46,8 +47,10 @@ class ScriptedAnswers:
         script = self.scripts.get(question, self.default)
         self.started.append(question)
         self.histories[question] = [turn.question for turn in history]
-        yield events.status("retrieving")
-        for n in range(1, script.sources + 1):
+        self.options[question] = options
+        if options.retrieval:
+            yield events.status("retrieving")
+        for n in range(1, script.sources + 1 if options.retrieval else 1):
             yield events.source({"n": n, "doc": "pump-manual.md", "title": "P-200 manual",
                                  "where": "Troubleshooting", "page": None,
                                  "snippet": script.snippet, "relevance": "high", "score": 0.9})

@@ -32,6 +32,7 @@ AIMS: dict[str, tuple[str, float]] = {
     "queue_position_ms_max": ("<", 100),
     "wire_bytes_ratio": ("<=", 0.15),
     "wire_bytes_ratio_compressed": ("<=", 0.15),
+    "wire_bytes_ratio_sse": ("<=", 0.15),
     "embed_ratio": (">=", 0.9),
     # issue 14: the 1 GB board and several technicians at once
     "rss_startup_mb_1gb": ("<=", 450),
@@ -53,6 +54,7 @@ EXPECTED = {
     "retrieval": ("hit_at_3_hybrid", "hit_at_3_vector", "hit_at_3_keyword"),
     "serving": ("stream_ratio", "ttft_overhead_ms", "followup_ttft_ratio",
                 "queue_position_ms_max", "wire_bytes_ratio", "wire_bytes_ratio_compressed",
+                "wire_bytes_ratio_sse",
                 "rss_per_idle_conn_kb", "loop_lag_p99_ms", "rss_startup_mb", "startup_s",
                 "rss_peak_answer_mb", "batch_throughput_ratio_2", "batch_throughput_ratio_4",
                 "batch_stream_ratio_4_min", "ttft_while_3_decode_ms", "batch_identical_answers",

@@ -278,6 +278,20 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
                       "(handshake and close included, counted by a proxy) / the same answer as "
                       "OpenAI chat.completion.chunk SSE events, one per token, with HTTP "
                       "headers and chunked framing; 1 answer")
+            log("wire: the same answer over SSE and over /v1/chat/completions")
+            sse_run = await wire.sse_answer_bytes(main.port, QUESTIONS[0], main.headers)
+            chat_run = await wire.openai_answer_bytes(main.port, QUESTIONS[0], main.headers)
+            sse = wire.compare(sse_run, raw.token_pieces, raw.entry.name)
+            sheet.put("wire_bytes_ratio_sse", sse["ratio"],
+                      "server->client TCP bytes of one whole answer over our SSE (POST "
+                      "/api/ask: headers, the request event, id/event/data lines, chunked "
+                      "framing) / the OpenAI SSE baseline of the same answer; 1 answer"
+                      + ("" if same_text(sse_run.text, plain_run.text) else
+                         "; WARNING: the answer differs from the WebSocket one"))
+            sheet.detail("wire_sse", {"sse": sse, "chat_completions_bytes": chat_run.bytes,
+                                      "chat_completions_ratio": ratio(chat_run.bytes,
+                                                                      sse["sse_bytes"]),
+                                      "same_text": same_text(chat_run.text, sse_run.text)})
             sheet.put("rss_peak_answer_mb", main.hwm_kb() / 1024,
                       "server VmHWM after the answers of the stream, follow-up, queue and wire "
                       "benchmarks (before the connection benchmarks)", 1)

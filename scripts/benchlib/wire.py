@@ -1,7 +1,9 @@
-"""Bytes on the wire for one whole answer: our WebSocket against OpenAI-style SSE.
+"""Bytes on the wire for one whole answer: our WebSocket and our SSE against OpenAI-style SSE.
 
 Our side is counted for real: a tiny asyncio TCP proxy in front of the server counts every byte
-going server -> client on the connection (handshake, welcome, every event, the close frame).
+going server -> client on the connection (WebSocket: handshake, welcome, every event, the close
+frame; SSE: response headers, the `request` event, every event with its id and type lines, the
+chunked framing; the OpenAI-compatible route: its chat.completion.chunk stream).
 The baseline is the same answer as OpenAI's streaming chat completions would send it over
 HTTP/1.1: response headers, then one `chat.completion.chunk` SSE event per token (chunked
 transfer encoding), a final chunk with finish_reason, and `data: [DONE]`. No usage chunk
@@ -140,6 +142,52 @@ async def answer_bytes(ws_url_port: int, question: str, compress: int,
     done = answer.done
     return WireRun(proxy.down_bytes, answer.text, done["usage"].get("completion_tokens", 0),
                    by_type)
+
+
+async def _stream_through_proxy(port: int, path: str, body: dict[str, Any],
+                                headers: dict[str, str]) -> tuple[int, list[str]]:
+    """POST ``body`` through a counting proxy, read the SSE response to its end; returns the
+    server->client bytes and the data lines."""
+    proxy = CountingProxy(port)
+    await proxy.start()
+    try:
+        async with aiohttp.ClientSession(headers=headers) as http, http.post(
+                f"http://{HOST}:{proxy.port}{path}", json=body,
+                headers={"Accept": "text/event-stream"},
+                timeout=aiohttp.ClientTimeout(total=PROXY_LIFETIME_S)) as response:
+            if response.status != 200:
+                raise RuntimeError(f"{path}: {response.status} {await response.text()}")
+            raw = await response.read()
+        await proxy.drained()
+    finally:
+        await proxy.close()
+    data = [line[6:] for line in raw.decode().split("\n") if line.startswith("data: ")]
+    return proxy.down_bytes, data
+
+
+async def sse_answer_bytes(port: int, question: str, headers: dict[str, str]) -> WireRun:
+    """One whole answer in a new session over our SSE (POST /api/ask)."""
+    down, data = await _stream_through_proxy(port, "/api/ask", {"text": question}, headers)
+    events = [json.loads(d) for d in data]
+    by_type: dict[str, int] = {}
+    for event, line in zip(events, data):
+        by_type[event["type"]] = by_type.get(event["type"], 0) + len(line.encode())
+    done = events[-1]
+    if done.get("type") != "done":
+        raise RuntimeError(f"the SSE answer ended without done: {done}")
+    text = "".join(e["text"] for e in events if e["type"] == "delta")
+    return WireRun(down, text, done["usage"].get("completion_tokens", 0), by_type)
+
+
+async def openai_answer_bytes(port: int, question: str, headers: dict[str, str]) -> WireRun:
+    """The same answer over our OpenAI-compatible streaming chat completions."""
+    down, data = await _stream_through_proxy(port, "/v1/chat/completions", {
+        "model": "edgekb", "stream": True, "messages": [{"role": "user", "content": question}]},
+        headers)
+    chunks = [json.loads(d) for d in data if d != "[DONE]"]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks
+                   if c.get("choices"))
+    return WireRun(down, text, 0, {"chunks": len(chunks)})
 
 
 def compare(run: WireRun, pieces_of: Callable[[str], list[str]], model: str) -> dict[str, Any]:
