@@ -30,6 +30,7 @@ from .http_errors import error_middleware
 from .ingest_service import IngestService
 from .llm_remote import RemoteLlm
 from .notices import broadcast
+from .page_api import setup_page_api
 from .retrieval import Searcher
 from .scheduler import FairQueue
 from .store import AsyncStore
@@ -57,6 +58,7 @@ def create_app(settings: Settings, answers: Answers | None = None) -> web.Applic
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/api/status", _status)
     setup_api(app)
+    setup_page_api(app)
     app.router.add_get("/", _index_page)
     app.router.add_static("/static/", STATIC_DIR)
     return app

@@ -132,6 +132,11 @@ MIGRATIONS: list[str] = [
         DELETE FROM chunks_trigram WHERE rowid = old.id;
     END;
     """,
+    # 5: conversations get a name their user can change (NULL: the first question is shown).
+    """
+    ALTER TABLE sessions ADD COLUMN title TEXT;
+    CREATE INDEX sessions_user ON sessions(user, updated_at);
+    """,
 ]
 
 

@@ -29,6 +29,7 @@ from . import __version__, events, keys
 from .conversations import Conversations, Opened
 from .errors import EdgekbError
 from .heartbeat import Heartbeat, sweep_step
+from .identity import user_of
 from .protocol import (
     CLOSE_IDLE,
     CLOSE_TAKEN_OVER,
@@ -40,6 +41,7 @@ from .protocol import (
     History,
     Ping,
     Resume,
+    Typing,
     parse_client_message,
 )
 
@@ -81,6 +83,11 @@ class Connection:
 
     async def send(self, message: dict[str, Any]) -> None:
         await self.outbox.put(events.encode(message))
+
+    def offer(self, message: dict[str, Any]) -> None:
+        """A frame that may be dropped (a hint): never waits on a full outbox."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self.outbox.put_nowait(events.encode(message))
 
     async def send_frame(self, frame: str) -> None:
         """An event already encoded (a request's events are encoded once, for everyone)."""
@@ -131,6 +138,8 @@ class Connection:
             self._follow(message.id, message.after)
         elif isinstance(message, Hello):
             await self._hello(message)
+        elif isinstance(message, Typing):
+            self.core.typing(self, message.text, message.kbs, self.offer)
         elif isinstance(message, History):
             turns, more = await self.core.history(self.session_id, message.before,
                                                   message.limit)
@@ -250,7 +259,7 @@ def _reset(transport: asyncio.Transport) -> None:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     settings = app[keys.SETTINGS]
-    user = request.remote or "local"  # until authentication names users
+    user = user_of(request)
     opened = await app[keys.CONVERSATIONS].open(user, request.query.get("session"))
     ws = web.WebSocketResponse(
         protocols=(PROTOCOL,), autoping=False, compress=settings.server.compress,
@@ -266,6 +275,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         # The reader ends when the peer closes; the others end the connection through `end`.
         await asyncio.wait([*tasks, conn.ending], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        app[keys.CONVERSATIONS].gone(conn)
         await conn.close_followers()
         for task in tasks:
             task.cancel()
