@@ -8,7 +8,7 @@ process past 1 GB), so texts are sorted by length and packed under a token budge
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,15 +53,21 @@ class Embedder:
     def embed(self, text: str) -> np.ndarray:
         return self.embed_batch([text])[0]
 
-    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """One normalised float32 vector per text, in input order."""
+    def embed_batch(self, texts: Sequence[str],
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """One normalised float32 vector per text, in input order; ``progress`` is told how
+        many are done after each onnxruntime run."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
         encodings = self.tokenizer.encode_batch(list(texts))
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        done = 0
         for batch in self._batches(order, [len(e.ids) for e in encodings]):
             out[batch] = self._run([encodings[i] for i in batch])
+            done += len(batch)
+            if progress is not None:
+                progress(done)
         return out
 
     def _batches(self, order: list[int], lengths: list[int]) -> list[list[int]]:

@@ -195,3 +195,7 @@ def _echo_id(message: dict[str, Any]) -> dict[str, str]:
 
 def valid_session_id(value: str) -> bool:
     return bool(_SESSION.fullmatch(value))
+
+
+def valid_client_id(value: str) -> bool:
+    return bool(_ID.fullmatch(value))

@@ -43,6 +43,7 @@ from .protocol import (
     Resume,
     Typing,
     parse_client_message,
+    valid_client_id,
 )
 
 log = logging.getLogger(__name__)
@@ -266,6 +267,12 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         max_msg_size=max(HARD_FRAME_CAP, settings.server.max_message_bytes))
     await ws.prepare(request)
     conn = Connection(request, ws, user, opened)
+    # `?client=` names the client in the handshake, as `hello` does: a page that reconnects
+    # takes its dead connection over without a second welcome (bytes count on a bad link).
+    client = request.query.get("client")
+    if client and valid_client_id(client):
+        conn.client_id = client
+        _take_over(app, conn)
     # A plain set, not a WeakSet: a closed connection leaves at once (its reference cycles would
     # keep it in a WeakSet until the garbage collector runs, pinged and counted meanwhile).
     app[keys.CONNECTIONS].add(conn)
