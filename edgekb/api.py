@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import events, keys
+from .access import AUDIT_DETAILS, requires
 from .errors import DocumentTooLarge, EdgekbError, NotFound, Unavailable
 from .ingest import FileResult, Ingestor, IngestReport
 from .ingest_service import IngestService
@@ -71,22 +72,32 @@ async def list_documents(request: web.Request) -> web.Response:
          "chunks": d.chunk_count, "sha256": d.sha256, "status": "indexed"} for d in docs]})
 
 
+@requires("admin", audit="upload")
 async def upload_documents(request: web.Request) -> web.StreamResponse:
     kb = check_kb_name(request.match_info["kb"])
     settings = request.app[keys.SETTINGS]
     service = _ingest_service(request)
     if not request.content_type.startswith("multipart/"):
         raise BadUpload("send the files as multipart/form-data")
+    # The whole request is capped, not only each file: 1000 parts of max_file_mb would fill
+    # the card. Refused before a byte is read when it says its length, else while reading.
+    request[AUDIT_DETAILS] = {"kb": kb}
+    request_cap = settings.limits.upload_request_mb * 2**20
+    if (request.content_length or 0) > request_cap:
+        raise DocumentTooLarge(f"the upload request is over limits.upload_request_mb "
+                               f"({settings.limits.upload_request_mb} MB for all its files)")
     folder = settings.docs_dir / kb
     received: list[tuple[Path, Path]] = []
     try:
-        async for pair in _receive_files(request, folder, settings.ingest.max_file_mb * 2**20):
+        async for pair in _receive_files(request, folder, settings.ingest.max_file_mb * 2**20,
+                                         request_cap):
             received.append(pair)
     except BaseException:
         await _in_thread(_unlink_all, [tmp for tmp, _ in received])
         raise
     if not received:
         raise BadUpload("no file in the upload")
+    request[AUDIT_DETAILS] = {"kb": kb, "files": [target.name for _, target in received]}
 
     def job(ingestor: Ingestor, emit: Callable[[FileResult], None]) -> IngestReport:
         report = IngestReport()
@@ -104,6 +115,7 @@ async def upload_documents(request: web.Request) -> web.StreamResponse:
     return await _stream_ingest(request, service, kb, job)
 
 
+@requires("admin", audit="reindex")
 async def reindex(request: web.Request) -> web.StreamResponse:
     kb = check_kb_name(request.match_info["kb"])
     docs = await request.app[keys.STORE].read(lambda s: s.documents(kb))
@@ -115,9 +127,11 @@ async def reindex(request: web.Request) -> web.StreamResponse:
         request, service, kb, lambda ing, emit: ing.ingest(paths, kb, on_file=emit, force=True))
 
 
+@requires("admin", audit="delete_document")
 async def delete_document(request: web.Request) -> web.Response:
     kb = check_kb_name(request.match_info["kb"])
     doc_id = int(request.match_info["doc_id"])
+    request[AUDIT_DETAILS] = {"kb": kb, "document": doc_id}
     doc = await request.app[keys.STORE].read(lambda s: s.document_by_id(doc_id))
     if doc is None or doc.kb != kb:
         raise NotFound(f"no document {doc_id} in knowledge base {kb!r}")
@@ -137,10 +151,11 @@ async def delete_document(request: web.Request) -> web.Response:
     return web.json_response({"deleted": doc_id, "chunks": result.chunks})
 
 
-async def _receive_files(request: web.Request, folder: Path,
-                         cap: int) -> AsyncIterator[tuple[Path, Path]]:
+async def _receive_files(request: web.Request, folder: Path, cap: int,
+                         request_cap: int) -> AsyncIterator[tuple[Path, Path]]:
     """Each file part to a temporary file in ``folder``, durably: (temporary, final path).
-    Over the cap -> too_large; a malformed body -> bad_upload."""
+    A file over ``cap`` or a request over ``request_cap`` bytes -> too_large; a malformed
+    body -> bad_upload."""
     try:
         reader = await request.multipart()
     except (ValueError, AssertionError, KeyError, HttpProcessingError) as exc:  # the parser
@@ -163,11 +178,13 @@ async def _receive_files(request: web.Request, folder: Path,
                             " . _ - ( ), not starting with a dot)")
         tmp = folder / f".{name}.{secrets.token_hex(4)}.upload"
         yield tmp, folder / name
-        await _write_part(part, tmp, cap, name)
+        await _write_part(part, tmp, cap, name, lambda: request.content.total_bytes
+                          > request_cap)
     raise BadUpload("too many parts in one upload")
 
 
-async def _write_part(part: Any, tmp: Path, cap: int, name: str) -> None:
+async def _write_part(part: Any, tmp: Path, cap: int, name: str,
+                      request_over: Callable[[], bool]) -> None:
     loop = asyncio.get_running_loop()
     # Disk writes (an SD card can stall for long) go to a thread, never the event loop.
     out = await loop.run_in_executor(None, tmp.open, "wb")
@@ -177,6 +194,9 @@ async def _write_part(part: Any, tmp: Path, cap: int, name: str) -> None:
             size += len(chunk)
             if size > cap:
                 raise DocumentTooLarge(f"{name}: over the upload limit of {cap} bytes")
+            if request_over():
+                raise DocumentTooLarge("the upload request is over limits.upload_request_mb "
+                                       "(all its files together)")
             await loop.run_in_executor(None, out.write, chunk)
         await loop.run_in_executor(None, _flush_and_sync, out)
     finally:

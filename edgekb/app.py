@@ -14,6 +14,7 @@ from pathlib import Path
 from aiohttp import WSCloseCode, web
 
 from . import events, keys, sessions
+from .access import access_middleware, add_login_routes
 from .answer import AnswerEngine, AnswerOptions, Answers
 from .api import setup_api
 from .config import Settings
@@ -33,6 +34,7 @@ from .notices import broadcast
 from .page_api import setup_page_api
 from .retrieval import Searcher
 from .scheduler import FairQueue
+from .security import AUDIT, QUESTION_RATE, security_context
 from .store import AsyncStore
 from .ws import sweep, websocket_handler
 
@@ -43,11 +45,13 @@ log = logging.getLogger(__name__)
 def create_app(settings: Settings, answers: Answers | None = None) -> web.Application:
     """The appliance. With ``answers`` (the tests' scripted engine) no model is loaded: the
     conversation core and the transports run on it, and the document API is unavailable."""
+    # The access middleware comes first: nothing runs for a request it refuses.
     app = web.Application(client_max_size=settings.server.max_message_bytes,
-                          middlewares=[error_middleware])
+                          middlewares=[access_middleware, error_middleware])
     app[keys.SETTINGS] = settings
     app[keys.CONNECTIONS] = set()  # each handler removes its own when it ends
-    app.cleanup_ctx.append(_store)
+    # security_context refuses an unsafe exposure before any model is loaded.
+    app.cleanup_ctx.extend([_store, security_context])
     if answers is None:
         app.cleanup_ctx.extend([_embedder, _library, _ingest, _llm])
     else:
@@ -59,6 +63,7 @@ def create_app(settings: Settings, answers: Answers | None = None) -> web.Applic
     app.router.add_get("/api/status", _status)
     setup_api(app)
     setup_page_api(app)
+    add_login_routes(app)
     app.router.add_get("/", _index_page)
     app.router.add_static("/static/", STATIC_DIR)
     return app
@@ -133,7 +138,8 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
     queue = FairQueue(settings.queue.max_waiting, settings.queue.max_per_user)
     conversations = Conversations(store, app[keys.ANSWERS], queue, options,
                                   grace_s=settings.sessions.grace_s, data_dir=settings.data_dir,
-                                  min_free_bytes=settings.storage.min_free_mb * 2**20)
+                                  min_free_bytes=settings.storage.min_free_mb * 2**20,
+                                  question_rate=app[QUESTION_RATE], audit=app[AUDIT])
     app[keys.CONVERSATIONS] = conversations
     yield
     await conversations.close()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, security_cli
 from .errors import EdgekbError
 
 DEMO_DIR = Path(__file__).with_name("demo")
@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "each answer)")
     ask.add_argument("--kb", action="append", help="knowledge base(s) to search (default: all)")
     ask.add_argument("--json", action="store_true", help="print every event as one JSON line")
+    ask.add_argument("--token", help="a token from `edgekb token issue` (default: $EDGEKB_TOKEN)")
+    ask.add_argument("--cafile", help="CA or self-signed certificate to trust for wss://")
 
     models = _sub(sub, "models", help="list or fetch the models of models.toml")
     models_sub = models.add_subparsers(dest="models_command", required=True)
@@ -121,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _common(config_sub.add_parser("check", help="validate settings, report every problem"))
     _common(config_sub.add_parser("show", help="print the effective settings as YAML"))
+    security_cli.add_commands(sub, _common)
     return parser
 
 
@@ -252,7 +255,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     finally:
         store.close()
     for number, scored in enumerate(hits, start=1):
-        entry = source_entry(number, scored)
+        entry = source_entry(number, scored, args.query)
         if args.json:
             print(json.dumps({**entry, "kb": scored.hit.kb, "chunk": scored.hit.id,
                               "text": scored.hit.text}, ensure_ascii=False))
@@ -272,8 +275,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
     url = args.url or _server_url(_settings(args))
     kbs = [check_kb_name(kb) for kb in args.kb] if args.kb else None
     emit = json_printer(sys.stdout) if args.json else AnswerPrinter(sys.stdout, sys.stderr)
+    token = security_cli.token_from_env(args.token)
     try:
-        asker = Asker(url, args.question, emit, session=args.session, kbs=kbs)
+        asker = Asker(url, args.question, emit, session=args.session, kbs=kbs,
+                      token=token, cafile=args.cafile)
     except BadUrl as exc:
         print(f"edgekb ask: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -307,6 +312,7 @@ def _server_url(settings: Any) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from .boards import llm_name
     from .catalog import fetch, file_state
     from .engines import open_catalog
     from .progress import ProgressBar
@@ -315,7 +321,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     catalog = open_catalog(settings)
     cache = settings.models_cache
     if args.models_command == "list":
-        configured = {settings.models.llm, settings.models.embedder}
+        configured = {llm_name(settings), settings.models.embedder}
         for entry in catalog.entries.values():
             states = {file_state(cache, entry, f) for f in entry.files}
             state = "verified" if states == {"verified"} else \
@@ -324,7 +330,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{mark} {entry.name:<18} {entry.kind:<9} {state:<9} {entry.description}")
         print(f"cache: {cache}   (* = configured)")
         return 0
-    names = args.names or [settings.models.llm, settings.models.embedder]
+    names = args.names or [llm_name(settings), settings.models.embedder]
     entries = [catalog.get(name) for name in names]  # every name checked before any download
     with ProgressBar() as bar:
         for entry in entries:
@@ -346,4 +352,8 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": cmd_serve, "ingest": cmd_ingest, "reindex": cmd_reindex,
-            "search": cmd_search, "ask": cmd_ask, "models": cmd_models, "config": cmd_config}
+            "search": cmd_search, "ask": cmd_ask, "models": cmd_models, "config": cmd_config,
+            "users": lambda args: security_cli.cmd_users(args, _settings(args)),
+            "token": lambda args: security_cli.cmd_token(args, _settings(args)),
+            "tls": lambda args: security_cli.cmd_tls(args, _settings(args)),
+            "audit": lambda args: security_cli.cmd_audit(args, _settings(args))}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any, TextIO
@@ -54,6 +55,7 @@ class AnswerPrinter:
         self.err = err
         self.sources_open = False  # sources printed, the answer not begun
         self.see_also: dict[str, Any] | None = None
+        self.session = ""  # from `welcome`: printed after the answer, for --session
 
     def __call__(self, message: dict[str, Any]) -> None:
         kind = message.get("type")
@@ -89,9 +91,11 @@ class AnswerPrinter:
             self.err.write(f"({message.get('message')})\n")
         elif kind == "stopping":
             self.err.write("\n(stopping the answer; Ctrl-C again quits at once)\n")
-        elif kind == "session":
-            self.err.write(f"-- session {message['session']} (continue the conversation with "
-                           f"--session {message['session']})\n")
+        elif kind == "welcome":
+            self.session = message["session"]
+        if kind in ("done", "error") and message.get("id") and self.session:
+            self.err.write(f"-- session {self.session} (continue the conversation with "
+                           f"--session {self.session})\n")
         self.out.flush()
         self.err.flush()
 
@@ -107,9 +111,13 @@ class Asker:
     """One question, asked and followed to its end across dropped links."""
 
     def __init__(self, url: str, question: str, emit: Emit, *, session: str | None = None,
-                 kbs: list[str] | None = None, timeout_s: float = 900.0,
+                 kbs: list[str] | None = None, token: str | None = None,
+                 cafile: str | None = None, timeout_s: float = 900.0,
                  max_reconnects: int = 30) -> None:
         self.url = websocket_url(url)
+        # The token goes in the Authorization header (never the URL, which logs keep).
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.tls = ssl.create_default_context(cafile=cafile) if cafile else None
         self.question = question
         self.emit = emit
         self.session = session
@@ -160,6 +168,7 @@ class Asker:
                     if self.session else self.url
                 try:
                     async with http.ws_connect(target, protocols=(PROTOCOL,), heartbeat=30,
+                                               headers=self.headers, ssl=self.tls,
                                                timeout=timeout) as ws:
                         reached = True
                         outcome = await self._converse(ws, deadline)
@@ -195,7 +204,8 @@ class Asker:
     def _unreachable(self, exc: Exception, attempt: int) -> int:
         if isinstance(exc, aiohttp.WSServerHandshakeError):
             if exc.status in (401, 403):
-                reason = f"it refused the connection ({exc.status}): pass a token"
+                reason = (f"it refused the connection ({exc.status}): pass --token or set "
+                          "EDGEKB_TOKEN (a token from `edgekb token issue`)")
             elif exc.status == 404:
                 reason = "no edgekb WebSocket there (HTTP 404): the path is /ws"
             else:
@@ -246,7 +256,6 @@ class Asker:
             self.last_seq = message.get("seq", self.last_seq)
             self.emit(message)
             if message["type"] in ("done", "error"):
-                self.emit({"type": "session", "session": self.session})
                 if self.stopping:
                     return EXIT_INTERRUPTED
                 return 0 if message["type"] == "done" and message["finish"] != "cancelled" else 1

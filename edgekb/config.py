@@ -9,8 +9,10 @@ raising one ``ConfigError``, so a user fixes a bad file in one pass.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -42,8 +44,11 @@ class ServerSettings:
 class ModelsSettings:
     manifest: str = ""
     cache_dir: str = ""
-    llm: str = "gemma3-270m"
+    llm: str = "auto"
     embedder: str = "minilm-l6-int8"
+    llm_small_board: str = "smollm2-135m"
+    llm_large_board: str = "qwen25-coder-05b"
+    small_board_mb: int = 1536
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class StorageSettings:
 @dataclass(frozen=True)
 class IngestSettings:
     max_file_mb: int = 64
+    part_inflated_mb: int = 64
+    document_inflated_mb: int = 256
 
 
 @dataclass(frozen=True)
@@ -86,12 +93,53 @@ class EmbeddingSettings:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    max_tokens: int = 256
+    max_tokens: int = 160
     temperature: float = 0.0
     seed: int = 0
     threads: int = 0
     n_batch: int = 128
     state_cache_mb: int = 64
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    enabled: bool = True
+    algorithms: str = "HS256"
+    issuer: str = "edgekb"
+    audience: str = "edgekb"
+    leeway_s: float = 30.0
+    page_login_hours: float = 8.0
+    max_token_ttl_h: float = 720.0
+    public_key_file: str = ""
+    allowed_origins: str = ""
+    hostnames: str = ""
+    trusted_proxies: str = ""
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    questions_per_minute: int = 30
+    connections_per_address: int = 20
+    connections_total: int = 2000
+    upload_request_mb: int = 256
+    login_failures: int = 5
+    header_timeout_s: float = 30.0
+    body_timeout_s: float = 20.0
+    body_min_bytes_s: int = 500
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    certificate: str = ""
+    private_key: str = ""
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    path: str = ""
+    max_mb: int = 16
+    keep: int = 4
+    question_text: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +155,10 @@ class Settings:
     storage: StorageSettings = field(default_factory=StorageSettings)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    limits: LimitsSettings = field(default_factory=LimitsSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
 
     def __post_init__(self) -> None:
         # Normalised here so that Settings(data_dir=...) built directly (tests, tools) is safe too.
@@ -130,6 +182,10 @@ class Settings:
         """Where uploaded documents are kept, one folder per knowledge base."""
         return self.data_dir / "docs"
 
+    @property
+    def audit_path(self) -> Path:
+        return _absolute(self.audit.path) if self.audit.path else self.data_dir / "audit.log"
+
 
 _Check = tuple[Callable[[Any], bool], str]
 
@@ -143,6 +199,31 @@ def _at_least(low: float) -> _Check:
 
 
 _NON_EMPTY: _Check = (lambda v: bool(v.strip()), "not be empty")
+# Algorithms a token may be signed with; "none" is never one of them.
+JWT_ALGORITHMS = ("HS256", "HS384", "HS512", "RS256", "ES256")
+
+
+def split_list(value: str) -> list[str]:
+    """A comma-separated setting (origins, host names, proxies) as its items."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _networks(value: str) -> bool:
+    try:
+        for item in split_list(value):
+            ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        return False
+    return True
+
+
+def _origins(value: str) -> bool:
+    return all(re.fullmatch(r"https?://[^/\s?#]+", item) for item in split_list(value))
+
+
+_ALGORITHM_LIST: _Check = (
+    lambda v: bool(split_list(v)) and all(a in JWT_ALGORITHMS for a in split_list(v)),
+    f"be a comma-separated list of {', '.join(JWT_ALGORITHMS)}")
 
 # Value rules by key; keys absent here accept any value of the right type.
 _CHECKS: dict[str, _Check] = {
@@ -162,10 +243,33 @@ _CHECKS: dict[str, _Check] = {
     "generation.state_cache_mb": _between(0, 4096),
     "models.llm": _NON_EMPTY,
     "models.embedder": _NON_EMPTY,
+    "models.llm_small_board": _NON_EMPTY,
+    "models.llm_large_board": _NON_EMPTY,
+    "models.small_board_mb": _at_least(0),
     "retrieval.k": _between(1, 50),
     "chunking.chunk_tokens": _between(32, 512),
     "chunking.overlap_tokens": _at_least(0),
     "ingest.max_file_mb": _between(1, 1024),
+    "ingest.part_inflated_mb": _between(1, 4096),
+    "ingest.document_inflated_mb": _between(1, 16384),
+    "auth.algorithms": _ALGORITHM_LIST,
+    "auth.trusted_proxies": (_networks, "be comma-separated IP addresses or CIDR networks"),
+    "auth.allowed_origins": (_origins, "be comma-separated origins like https://hmi.plant:8443"),
+    "auth.issuer": _NON_EMPTY,
+    "auth.audience": _NON_EMPTY,
+    "auth.leeway_s": _between(0, 300),
+    "auth.page_login_hours": ((lambda v: 0 < v <= 24 * 90), "be between 0 and 2160"),
+    "auth.max_token_ttl_h": ((lambda v: 0 < v <= 24 * 3660), "be between 0 and 87840 hours"),
+    "limits.questions_per_minute": _between(1, 100_000),
+    "limits.connections_per_address": _between(1, 1_000_000),
+    "limits.connections_total": _between(1, 1_000_000),
+    "limits.upload_request_mb": _between(1, 16384),
+    "limits.login_failures": _between(1, 1000),
+    "limits.header_timeout_s": ((lambda v: 0 < v <= 3600), "be between 0 and 3600"),
+    "limits.body_timeout_s": ((lambda v: 0 < v <= 3600), "be between 0 and 3600"),
+    "limits.body_min_bytes_s": _at_least(0),
+    "audit.max_mb": _between(1, 4096),
+    "audit.keep": _between(1, 100),
     "embedding.threads": _at_least(0),
     "embedding.batch_size": _between(1, 256),
     "generation.max_tokens": _between(1, 4096),

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import events, sessions
 from .answer import AnswerEnd, AnswerOptions, Answers
+from .audit import AuditLog
 from .errors import (
     Busy,
     DiskFull,
@@ -40,6 +41,7 @@ from .errors import (
 )
 from .hints import Hints, Offer
 from .idle import HeadReader
+from .limits import QuestionRate
 from .protocol import ID_REUSE, INVALID_FIELD, UNKNOWN_REQUEST, valid_session_id
 from .runs import LogWriter, RequestRun, Send
 from .scheduler import FairQueue, Ticket
@@ -69,8 +71,13 @@ class Opened:
 class Conversations:
     def __init__(self, store: AsyncStore, answers: Answers, queue: FairQueue,
                  options: AnswerOptions, grace_s: float, *, data_dir: Path,
-                 min_free_bytes: int, linger_s: float = 30.0) -> None:
+                 min_free_bytes: int, linger_s: float = 30.0,
+                 question_rate: QuestionRate | None = None,
+                 audit: AuditLog | None = None) -> None:
         self.store = store
+        # One question budget per user, whatever transport the question came by.
+        self.question_rate = question_rate
+        self.audit = audit
         self.answers = answers
         self.queue = queue
         self.options = options
@@ -105,14 +112,30 @@ class Conversations:
         return Opened(session, False, [])
 
     async def ask(self, session_id: str, user: str, request_id: str, question: str,
-                  kbs: tuple[str, ...] | None = None) -> None:
+                  kbs: tuple[str, ...] | None = None, *, address: str = "") -> None:
         """Start answering; the events are read with ``follow``. A refused question raises a
-        typed error that names the request, and leaves nothing stored."""
+        typed error that names the request, and leaves nothing stored (the audit trail
+        records it). ``address``: the client's, for the audit trail."""
         try:
+            if self.question_rate is not None:
+                self.question_rate.take(user)  # raises RateLimited with retry_after
             await self._start(session_id, user, request_id, question, kbs)
         except EdgekbError as exc:
             exc.details.setdefault("id", request_id)
+            self._audit("question", user, address, session_id, request_id, exc.code, question)
             raise
+        self._audit("question", user, address, session_id, request_id, "ok", question)
+
+    def _audit(self, event: str, user: str, address: str, session_id: str, request_id: str,
+               outcome: str, question: str = "") -> None:
+        if self.audit is None:
+            return
+        # A client hammering while refused costs a line or two a second, with exact counts.
+        self.audit.record(event, user=user, address=address, request=request_id,
+                          outcome=outcome, session=session_id,
+                          chars=len(question) if question else None,
+                          question=question or None,
+                          coalesce=None if outcome == "ok" else f"{event}:{user}:{outcome}")
 
     async def _start(self, session_id: str, user: str, request_id: str, question: str,
                      kbs: tuple[str, ...] | None) -> None:
@@ -149,14 +172,18 @@ class Conversations:
         run.task = asyncio.create_task(self._produce(run, ticket))
         self._unfollowed(run)  # cancelled unless someone follows it
 
-    async def cancel(self, session_id: str, request_id: str) -> None:
+    async def cancel(self, session_id: str, request_id: str, *, user: str = "",
+                     address: str = "") -> None:
         """Stop a request within one token. Cancelling one that already ended does nothing
         (its last event says how it ended); an id this session never used is a typed error."""
         run = self.live.get((session_id, request_id))
         if run is None:
             if await self._state(session_id, request_id) is None:
+                self._audit("cancel", user, address, session_id, request_id, UNKNOWN_REQUEST)
                 raise _unknown(request_id)
+            self._audit("cancel", user, address, session_id, request_id, "already_ended")
             return
+        self._audit("cancel", user, address, session_id, request_id, "ok")
         self._stop(run)
 
     async def follow(self, session_id: str, request_id: str, after: int, send: Send) -> None:

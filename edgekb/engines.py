@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from .boards import llm_name
 from .catalog import Catalog, ModelEntry, default_manifest_path, verify
 from .config import Settings
 from .embed import Embedder
@@ -24,6 +25,9 @@ from .store import Store
 # Room kept free in the context after the prompt and the answer, for the chat template's own
 # tokens and rounding in the budget.
 CONTEXT_MARGIN = 16
+# Sampling settings a models.toml entry may carry; they go with every prompt to the LLM.
+SAMPLING_KEYS = ("repeat_penalty", "presence_penalty", "frequency_penalty", "top_k", "top_p",
+                 "min_p")
 
 
 def open_catalog(settings: Settings) -> Catalog:
@@ -52,7 +56,7 @@ def make_ingestor(settings: Settings, store: Store, embedder: Embedder,
 
 
 def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine | RemoteLlm, ModelEntry]:
-    entry = catalog.get(settings.models.llm, kind="llm")
+    entry = catalog.get(llm_name(settings), kind="llm")
     gen = settings.generation
     if "endpoint" in entry.settings:
         return RemoteLlm(str(entry.settings["endpoint"]), str(entry.settings.get("model", "")),
@@ -75,7 +79,8 @@ def prompt_builder(settings: Settings, llm: LlmEngine | RemoteLlm,
         template, template_stop = _chat_template(llm)
         stop.extend(template_stop)
     budget = llm.n_ctx - settings.generation.max_tokens - CONTEXT_MARGIN
-    return PromptBuilder(fmt, llm.count_tokens, budget, stop, template)
+    sampling = {key: entry.settings[key] for key in SAMPLING_KEYS if key in entry.settings}
+    return PromptBuilder(fmt, llm.count_tokens, budget, stop, template, sampling)
 
 
 def _chat_template(llm: LlmEngine) -> tuple[Callable[[list[dict[str, str]]], str], list[str]]:

@@ -1,10 +1,13 @@
 """Retrieval evaluation: does search put the answering passage near the top?
 
-An evaluation set is a folder with ``docs/`` (ingested as they are), ``render/`` (Markdown
-rendered to the binary format named by its file name: ``x.docx.md`` -> ``x.docx``, ``x.pdf.md``
--> ``x.pdf``, so the loaders see real DOCX and PDF files) and ``questions.tsv``. The demo manuals
-are ingested too. Each question names its document and an exact substring of the answering text:
-a hit is a retrieved chunk of that document containing it, which stays true when chunking changes.
+An evaluation set is a folder with ``questions.tsv`` and its documents: either real upstream
+manuals listed in ``sources.toml`` (fetched and pinned by edgekb.evaldocs, kept in a cache), or
+the project's own ``docs/`` (ingested as they are) and ``render/`` (Markdown rendered to the
+binary format named by its file name: ``x.docx.md`` -> ``x.docx``), with the demo manuals.
+Each question names its document and an exact substring of the answering text: a hit is a
+retrieved chunk of that document containing it, which stays true when chunking changes.
+Questions of kind ``absent`` have no answer in any document: they measure what the best score
+looks like when nothing is relevant (the not-covered floor), and count in no hit figure.
 
 Blocking; runs the embedder only (no LLM), in a temporary data dir.
 """
@@ -12,13 +15,15 @@ Blocking; runs the embedder only (no LLM), in a temporary data dir.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import os
 import shutil
 import tempfile
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +33,8 @@ import docx
 from .cli import DEMO_DIR
 from .config import load_settings
 from .engines import load_embedder, make_ingestor, open_catalog, open_library
-from .retrieval import MODES, Searcher
+from .evaldocs import build_set
+from .retrieval import MODES, Searcher, needs_translation
 from .store import ChunkHit, Store
 
 KB = "eval"
@@ -38,19 +44,30 @@ _PDF_LINE_CHARS = 90
 _PDF_PAGE_LINES = 46
 
 
+ABSENT = "absent"
+
+
 @dataclass(frozen=True)
 class Question:
     id: str
-    category: str
-    document: str  # file name of the answering document
+    category: str  # the kind: identifier, lexical, everyday, chinese, absent, ...
+    document: str  # file name of the answering document ("" for absent)
     answer: str    # exact substring of the answering chunk's text
     text: str
+    lang: str = "en"
+    facts: tuple[str, ...] = ()  # key facts a right answer contains (case-insensitive)
+
+    @property
+    def covered(self) -> bool:
+        return self.category != ABSENT
 
 
 def load_questions(path: Path) -> list[Question]:
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    questions = [Question(r["id"], r["category"], r["document"], r["answer"], r["question"])
+    questions = [Question(r["id"], r.get("kind") or r["category"], r["document"], r["answer"],
+                          r["question"], r.get("lang") or _language(r["question"]),
+                          tuple(f for f in (r.get("facts") or "").split("|") if f))
                  for r in rows]
     duplicates = [i for i, n in Counter(q.id for q in questions).items() if n > 1]
     if duplicates:
@@ -158,8 +175,21 @@ def _pdf_string(text: str) -> bytes:
     return data.replace(b"\\", b"\\\\").replace(b"(", b"\\(").replace(b")", b"\\)")
 
 
+def _language(text: str) -> str:
+    return "zh" if any("\u4e00" <= c <= "\u9fff" for c in text) else "en"
+
+
+def docs_cache() -> Path:
+    """Where real evaluation documents are kept (EVAL_DOCS_CACHE, else .cache/docs)."""
+    default = Path(__file__).resolve().parent.parent / ".cache" / "docs"
+    return Path(os.environ.get("EVAL_DOCS_CACHE", default))
+
+
 def build_corpus(eval_dir: Path, dest: Path) -> list[Path]:
-    """Copy and render the evaluation documents and the demo manuals into ``dest``."""
+    """The set's documents: real ones fetched into the cache (sources.toml), or the project's
+    own documents copied and rendered into ``dest`` with the demo manuals."""
+    if (eval_dir / "sources.toml").exists():
+        return build_set(eval_dir, docs_cache())
     dest.mkdir(parents=True, exist_ok=True)
     sources = sorted((eval_dir / "docs").iterdir()) + sorted(DEMO_DIR.iterdir())
     for source in sources:
@@ -169,6 +199,28 @@ def build_corpus(eval_dir: Path, dest: Path) -> list[Path]:
         target = dest / source.stem  # x.docx.md -> x.docx
         renderers[target.suffix](source.read_text(encoding="utf-8"), target)
     return sorted(dest.iterdir())
+
+
+# What an ingested set depends on: its documents, the code that reads, cuts and embeds them,
+# and the settings of the last two. Same digest, same chunks and vectors.
+_INGEST_CODE = ("loaders", "chunking.py", "ingest.py", "embed.py", "store.py", "migrations.py")
+
+
+def _ingest_cache(eval_dir: Path, documents: Sequence[Path], settings: Any) -> Path | None:
+    """Where an ingested copy of this set is kept for the next run (real sets only: the
+    project's own set ingests in seconds)."""
+    if not (eval_dir / "sources.toml").exists():
+        return None
+    digest = hashlib.sha256()
+    package = Path(__file__).resolve().parent
+    for code in _INGEST_CODE:
+        for path in sorted((package / code).rglob("*.py")) if (package / code).is_dir() \
+                else [package / code]:
+            digest.update(path.read_bytes())
+    for path in documents:
+        digest.update(path.name.encode() + hashlib.sha256(path.read_bytes()).digest())
+    digest.update(repr((settings.chunking, settings.models.embedder)).encode())
+    return docs_cache() / "ingested" / f"{eval_dir.name}-{digest.hexdigest()[:16]}"
 
 
 def _ratios(ranks: Sequence[int | None], cutoffs: Sequence[int], mode: str) -> dict[str, float]:
@@ -183,8 +235,8 @@ def _check_answers(store: Store, questions: Sequence[Question]) -> None:
     texts: dict[str, list[str]] = {}
     for hit in store.chunks(store.chunk_ids(KB)).values():
         texts.setdefault(Path(hit.doc_path).name, []).append(_normalise(hit.text))
-    broken = [q.id for q in questions
-              if not any(_normalise(q.answer) in t for t in texts.get(q.document, []))]
+    broken = [q.id for q in questions if q.covered
+              and not any(_normalise(q.answer) in t for t in texts.get(q.document, []))]
     if broken:
         raise ValueError(f"answer text not found in its document for questions {broken}")
 
@@ -196,16 +248,24 @@ def _rank(question: Question, hits: Sequence[ChunkHit]) -> int | None:
                  and answer in _normalise(hit.text)), None)
 
 
+Translate = Callable[[str], str]
+
+
 def evaluate(eval_dir: Path, *, env: Mapping[str, str] | None = None,
              overrides: Mapping[str, Any] | None = None, k: int = 3,
-             modes: Sequence[str] = MODES) -> dict[str, Any]:
+             modes: Sequence[str] = MODES, translate: Translate | None = None,
+             keep: Callable[[Path, Searcher, list[Question]], None] | None = None
+             ) -> dict[str, Any]:
     """Ingest the set into a temporary data dir and search every question in every mode.
 
     ``env`` and ``overrides`` are passed to load_settings (e.g. the model cache, chunk sizes);
-    the data dir is always a fresh temporary one. Returns flat figures (``hit_at_3_hybrid``,
-    ``mrr_vector``, ``search_ms_keyword``, ...), the same per category under ``categories``,
-    and per question the rank of the first hit in each mode (None: not in the top DEPTH) and the
-    top hybrid result under ``results``.
+    the data dir is always a fresh temporary one. ``translate`` turns a CJK question into an
+    English search query, as the answer engine does with its LLM. ``keep`` is called with the
+    data dir's database before it is removed (the answer benchmark asks its questions there).
+    Returns flat figures over the covered questions (``hit_at_3_hybrid``, ``mrr_vector``,
+    ``search_ms_keyword``, ...), the same per kind under ``categories`` and per language under
+    ``languages``, and per question the rank of the first hit in each mode (None: not in the
+    top DEPTH), the top hybrid result and its relevance under ``results``.
     """
     questions = load_questions(eval_dir / "questions.tsv")
     cutoffs = sorted({*CUTOFFS, k})
@@ -213,45 +273,71 @@ def evaluate(eval_dir: Path, *, env: Mapping[str, str] | None = None,
         settings = load_settings(env=env, overrides={**(overrides or {}),
                                                      "data_dir": str(Path(tmp) / "data")})
         embedder = load_embedder(settings, open_catalog(settings))
+        documents = build_corpus(eval_dir, Path(tmp) / "corpus")
+        cached = _ingest_cache(eval_dir, documents, settings)
+        if cached is not None and cached.exists():
+            shutil.copytree(cached, settings.data_dir)
         library = open_library(settings, embedder)
         store = Store(settings.db_path)
         try:
-            documents = build_corpus(eval_dir, Path(tmp) / "corpus")
+            library.load(store)  # a cached copy's index (verified against SQLite, as at start)
             started = time.perf_counter()
             report = make_ingestor(settings, store, embedder, library).ingest(documents, kb=KB)
             ingest_s = time.perf_counter() - started
             failed = [r for r in report.results if r.status == "failed"]
             if failed:
                 raise ValueError(f"ingest failed: {[r.error for r in failed]}")
+            if cached is not None and not cached.exists():
+                shutil.copytree(settings.data_dir, cached,
+                                ignore=shutil.ignore_patterns("edgekb.lock"))
             _check_answers(store, questions)
             searcher = Searcher(embedder, library)
+            alternates = [(translate(q.text),) if translate and needs_translation(q.text)
+                          else () for q in questions]
             ranks: dict[str, list[int | None]] = {}
             top: list[str] = []
-            result: dict[str, Any] = {"questions": len(questions), "documents": len(documents),
+            best: list[float] = []
+            result: dict[str, Any] = {"questions": sum(q.covered for q in questions),
+                                      "not_covered_questions": sum(not q.covered
+                                                                   for q in questions),
+                                      "documents": len(documents),
                                       "chunks": report.chunks, "ingest_s": round(ingest_s, 2)}
+            covered = [i for i, q in enumerate(questions) if q.covered]
             for mode in modes:
                 started = time.perf_counter()
-                found = [[s.hit for s in searcher.search(store, q.text, DEPTH, [KB], mode)]
-                         for q in questions]
+                found = [searcher.search(store, q.text, DEPTH, [KB], mode, alternates[i])
+                         for i, q in enumerate(questions)]
                 result[f"search_ms_{mode}"] = round(
                     (time.perf_counter() - started) * 1000 / max(1, len(questions)), 2)
-                ranks[mode] = [_rank(q, hits) for q, hits in zip(questions, found)]
-                result.update(_ratios(ranks[mode], cutoffs, mode))
+                ranks[mode] = [_rank(q, [s.hit for s in hits]) for q, hits in zip(questions, found)]
+                result.update(_ratios([ranks[mode][i] for i in covered], cutoffs, mode))
                 if mode == "hybrid":
-                    top = [f"{Path(h[0].doc_path).name} > {h[0].heading}" if h else ""
+                    top = [f"{Path(h[0].hit.doc_path).name} > {h[0].hit.heading}" if h else ""
                            for h in found]
+                    best = [h[0].relevance if h else 0.0 for h in found]
+            if keep is not None:
+                keep(settings.db_path, searcher, questions)
         finally:
             store.close()
-    categories: dict[str, dict[str, float]] = {}
-    for category in sorted({q.category for q in questions}):
-        picked = [i for i, q in enumerate(questions) if q.category == category]
-        figures: dict[str, float] = {"count": len(picked)}
-        for mode in modes:
-            figures.update(_ratios([ranks[mode][i] for i in picked], cutoffs, mode))
-        categories[category] = figures
-    result["categories"] = categories
-    result["results"] = [{"id": q.id, "category": q.category, "question": q.text,
-                          "document": q.document, "top_hybrid": top[i] if top else "",
+    result["categories"] = _grouped(questions, ranks, cutoffs, modes, lambda q: q.category)
+    result["languages"] = _grouped(questions, ranks, cutoffs, modes, lambda q: q.lang)
+    result["results"] = [{"id": q.id, "category": q.category, "lang": q.lang,
+                          "question": q.text, "document": q.document,
+                          "top_hybrid": top[i] if top else "",
+                          "relevance": round(best[i], 4) if best else None,
                           "ranks": {mode: ranks[mode][i] for mode in modes}}
                          for i, q in enumerate(questions)]
     return result
+
+
+def _grouped(questions: Sequence[Question], ranks: Mapping[str, list[int | None]],
+             cutoffs: Sequence[int], modes: Sequence[str],
+             key: Callable[[Question], str]) -> dict[str, dict[str, float]]:
+    groups: dict[str, dict[str, float]] = {}
+    for name in sorted({key(q) for q in questions if q.covered}):
+        picked = [i for i, q in enumerate(questions) if q.covered and key(q) == name]
+        figures: dict[str, float] = {"count": len(picked)}
+        for mode in modes:
+            figures.update(_ratios([ranks[mode][i] for i in picked], cutoffs, mode))
+        groups[name] = figures
+    return groups

@@ -26,6 +26,10 @@ STATUS_BY_CODE = {
     "unauthorized": 401, "forbidden": 403, "rate_limited": 429, "busy": 503,
     "unavailable": 503, "disk_full": 507, "storage_error": 507, "internal": 500,
     "no_documents": 400,
+    # the access layer (access.py, connguard.py)
+    "login_failed": 401, "forbidden_origin": 403, "csrf_required": 403, "bad_host": 400,
+    "too_many_connections": 429, "server_full": 503, "too_slow": 408, "invalid_user": 400,
+    "unknown_user": 404,
 }
 CODE_BY_STATUS = {
     400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

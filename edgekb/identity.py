@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .access import PRINCIPAL
+
 
 def user_of(request: web.Request) -> str:
-    """The user a request acts for: its client address until authentication names users."""
-    return request.remote or "local"
+    """The user a request acts for: the subject of the credential the access middleware
+    admitted (with auth off on loopback, its stand-in principal)."""
+    return request[PRINCIPAL].sub

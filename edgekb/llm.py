@@ -34,6 +34,13 @@ class GenerationRequest:
     stop: tuple[str, ...]
     cancel: threading.Event = field(default_factory=threading.Event, compare=False)
     cache_key: str | None = None   # whose KV state to keep for a follow-up (a session)
+    # Sampling, per model (models.toml): small models loop without repetition control.
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -205,8 +212,11 @@ class LlmEngine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         vocab = llama._model.vocab
         finish, generated = "length", 0
-        for token in llama.generate(tokens, temp=request.temperature, top_k=40, top_p=0.95,
-                                    min_p=0.05, repeat_penalty=1.0):
+        for token in llama.generate(tokens, temp=request.temperature, top_k=request.top_k,
+                                    top_p=request.top_p, min_p=request.min_p,
+                                    repeat_penalty=request.repeat_penalty,
+                                    presence_penalty=request.presence_penalty,
+                                    frequency_penalty=request.frequency_penalty):
             if request.cancel.is_set():
                 finish = "cancelled"
                 break

@@ -132,7 +132,17 @@ MIGRATIONS: list[str] = [
         DELETE FROM chunks_trigram WHERE rowid = old.id;
     END;
     """,
-    # 5: conversations get a name their user can change (NULL: the first question is shown).
+    # 5: people who sign in on the web page (tokens for devices need no row).
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        role TEXT NOT NULL,               -- admin | user
+        password TEXT NOT NULL,           -- scrypt$n$r$p$salt$hash
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
+    # 6: conversations get a name their user can change (NULL: the first question is shown).
     """
     ALTER TABLE sessions ADD COLUMN title TEXT;
     CREATE INDEX sessions_user ON sessions(user, updated_at);

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from . import keys
+from .access import requires
 from .errors import NotFound, ProtocolError
 from .examples import overview
 from .identity import user_of
@@ -51,6 +52,7 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response({"session": info.to_wire(), "running": running})
 
 
+@requires("user", audit="rename_session")
 async def rename_session(request: web.Request) -> web.Response:
     session = _session_id(request)
     body = await _json_object(request)
@@ -61,6 +63,7 @@ async def rename_session(request: web.Request) -> web.Response:
     return web.json_response({"session": info.to_wire()})
 
 
+@requires("user", audit="delete_session")
 async def delete_session(request: web.Request) -> web.Response:
     session = _session_id(request)
     await request.app[keys.CONVERSATIONS].delete(user_of(request), session)

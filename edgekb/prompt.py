@@ -8,21 +8,35 @@ Order: instruction, earlier turns, sources, question. What stays between follow-
 so the LLM's KV cache can reuse it. Everything is counted in the model's own tokens and fitted by
 priority: the question always, then sources (dropped from the lowest-ranked up, the last one
 kept cut), then the newest turns that fit in half the budget and in what the sources left.
+Only turns on the same topic come along: a turn whose sources share no document with this
+question's sources is left out (a short follow-up such as "and after that?" keeps the newest),
+so a change of subject does not drag old answers into the prompt.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePath
+from typing import Any
 
 from .sessions import Turn
 from .store import ChunkHit
 
 INSTRUCTION = (
-    "Answer the question using only the numbered sources below. Be brief and precise, keep the "
-    "steps in order, and cite the sources you use as [1], [2]. If the sources do not contain the "
-    "answer, say that the manuals do not cover it."
+    "You answer a technician's question from the numbered manual excerpts below. Use only "
+    "those excerpts. Answer in the language of the question, in at most four short sentences "
+    "or steps, and put the number of the excerpt you used in square brackets after each fact, "
+    "like [1] or [2]. If the excerpts do not contain the answer, say that the manuals do not "
+    "cover it."
 )
+TRANSLATE_INSTRUCTION = (
+    "Translate the user's question into English. Keep technical terms, option names and "
+    "numbers exactly as written. Reply with the English question only."
+)
+# A question with at most this many content words may lean on the turn before it.
+FOLLOW_UP_TERMS = 3
 SOURCES_HEADER = "Sources:\n"
 CHARS_PER_TOKEN = 4  # only to pick a first cut; the result is always re-counted
 
@@ -35,6 +49,7 @@ class Prompt:
     sources_used: int
     turns_used: int
     stop: tuple[str, ...]
+    sampling: Mapping[str, Any] = field(default_factory=dict)  # GenerationRequest fields
 
 
 def cite_where(hit: ChunkHit) -> str:
@@ -45,6 +60,17 @@ def cite_where(hit: ChunkHit) -> str:
     return ", ".join(parts)
 
 
+def on_topic(question: str, turns: Sequence[Turn], hits: Sequence[ChunkHit]) -> list[Turn]:
+    """The turns whose sources share a document with this question's sources; a short
+    follow-up keeps at least the newest turn, whatever it cited."""
+    docs = {PurePath(h.doc_path).name for h in hits}
+    kept = [t for t in turns if docs & {str(s.get("doc", "")) for s in t.sources}]
+    short = len(re.findall(r"\w{3,}", question)) <= FOLLOW_UP_TERMS
+    if short and turns and (not kept or kept[-1] is not turns[-1]):
+        kept.append(turns[-1])
+    return kept
+
+
 def _source_block(number: int, hit: ChunkHit) -> str:
     where = cite_where(hit)
     return f"[{number}] {hit.title}" + (f" ({where})" if where else "") + f"\n{hit.text}"
@@ -52,20 +78,33 @@ def _source_block(number: int, hit: ChunkHit) -> str:
 
 class PromptBuilder:
     def __init__(self, fmt: str, count_tokens: Callable[[str], int], budget_tokens: int,
-                 stop: Sequence[str], chat_template: ChatTemplate | None = None) -> None:
+                 stop: Sequence[str], chat_template: ChatTemplate | None = None,
+                 sampling: Mapping[str, Any] | None = None) -> None:
         self.fmt = fmt
         self.count_tokens = count_tokens
         self.budget = budget_tokens
         self.stop = tuple(stop)
         self.chat_template = chat_template
+        self.sampling = dict(sampling or {})
 
     def build(self, question: str, hits: Sequence[ChunkHit],
               history: Sequence[Turn] = ()) -> Prompt:
         blocks = self._fit_sources(question, [_source_block(i + 1, h) for i, h in enumerate(hits)])
-        turns = self.history_turns(history)
+        turns = on_topic(question, self.history_turns(history), hits[: len(blocks)])
         while turns and self.count_tokens(self._render(question, blocks, turns)) > self.budget:
             turns = turns[1:]  # sources rank above the oldest turns
-        return Prompt(self._render(question, blocks, turns), len(blocks), len(turns), self.stop)
+        return Prompt(self._render(question, blocks, turns), len(blocks), len(turns), self.stop,
+                      self.sampling)
+
+    def translation(self, question: str) -> Prompt | None:
+        """A prompt that has an instruct model put the question into English (for retrieval
+        over English manuals); None for a completion model, which cannot be told to."""
+        if self.fmt != "chat" or self.chat_template is None:
+            return None
+        text = self.chat_template([
+            {"role": "system", "content": TRANSLATE_INSTRUCTION},
+            {"role": "user", "content": question}])
+        return Prompt(text, 0, 0, (*self.stop, "\n"), self.sampling)
 
     def history_turns(self, history: Sequence[Turn]) -> list[Turn]:
         """The newest turns that fit in half the budget (the other half is for sources).

@@ -19,8 +19,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from .embed import Embedder
 from .index import Library
 from .store import ChunkHit, Store
@@ -30,6 +28,11 @@ CANDIDATES = 20           # from each list; the union is re-ranked
 TERM_WEIGHT = 0.3         # x share of the question's terms found as words in the chunk
 IDENTIFIER_WEIGHT = 0.3   # x share of its identifiers found verbatim
 TRIGRAM_WEIGHT = 0.3      # x trigram BM25 relative to the best match (CJK questions only)
+# x BM25 relative to the best keyword match: it weighs rare words (ntpdate, burst) above common
+# ones, which the term share cannot. Query-adaptive, as GPT4All's LocalDocs does: a short or
+# identifier-bearing question is a keyword query; a long everyday one leans on meaning.
+BM25_WEIGHTS = {"identifier": 0.5, "short": 0.4, "long": 0.25}
+SHORT_QUERY_TERMS = 3
 
 _WORD = re.compile(r"[\w][\w.\-/]*[\w]|[\w]")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
@@ -47,7 +50,15 @@ _EDGE = "\"'`*()[]{}<>|,;:!?.-/=+#~"  # punctuation that may enclose a word in a
 @dataclass(frozen=True)
 class ScoredHit:
     hit: ChunkHit
-    score: float
+    score: float            # ranking score (its scale depends on the question)
+    relevance: float = 0.0  # how well the chunk matches on its own: cosine, term and
+                            # identifier shares (comparable across questions: the floor)
+
+
+def needs_translation(query: str) -> bool:
+    """A CJK question: the default embedder is English-only, so it is also searched in
+    English (the answer engine has the LLM translate it)."""
+    return bool(_CJK.search(query))
 
 
 def query_terms(query: str) -> list[str]:
@@ -96,6 +107,13 @@ def _question(query: str) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[s
             frozenset(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1))))
 
 
+def bm25_weight_for(query: str) -> float:
+    stems, identifiers, _ = _question(query)
+    if identifiers:
+        return BM25_WEIGHTS["identifier"]
+    return BM25_WEIGHTS["short" if len(stems) <= SHORT_QUERY_TERMS else "long"]
+
+
 def fts_query(terms: Sequence[str]) -> str:
     """Each term a quoted phrase (so `e-204` matches the tokens e, 204 in order), OR-ed."""
     return " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
@@ -112,36 +130,55 @@ class Searcher:
         self.library = library
 
     def search(self, store: Store, query: str, k: int, kbs: Sequence[str] | None = None,
-               mode: str = "hybrid") -> list[ScoredHit]:
+               mode: str = "hybrid", alternates: Sequence[str] = ()) -> list[ScoredHit]:
+        """The k best chunks for ``query``; ``alternates`` are the same question in other
+        words (an English translation of a Chinese one): their candidates join, and each
+        chunk is scored by the variant that matches it best."""
         known = self.library.kbs()
         # Only existing knowledge bases: a name from a client never creates an index.
         kbs = [kb for kb in kbs if kb in known] if kbs is not None else known
-        vector = self.embedder.embed(query)
-        candidates: dict[int, float] = {}
+        variants = [query, *(a for a in alternates if a and a != query)]
+        vectors = self.embedder.embed_batch(variants)
+        candidates: set[int] = set()
         keyword_scores: dict[int, float] = {}
         trigram_scores: dict[int, float] = {}  # relative to the best match of its kb
         for kb in kbs:
-            if mode in ("hybrid", "vector"):
-                for chunk_id, score in self.library.get(kb).search(vector, CANDIDATES):
-                    candidates[chunk_id] = score
-            if mode in ("hybrid", "keyword"):
-                terms, trigrams = self._keyword(store, kb, query)
-                keyword_scores.update(terms + trigrams)
-                best = max((score for _, score in trigrams), default=0.0)
-                trigram_scores.update((i, score / best) for i, score in trigrams if best > 0)
-        if mode == "keyword":
-            ranked = sorted(keyword_scores.items(), key=lambda kv: -kv[1])
-        else:
-            if mode == "hybrid":
-                missing = [i for i in keyword_scores if i not in candidates]
-                candidates.update(self._cosines(store, missing, vector))
-            hits = store.chunks(list(candidates))
-            ranked = sorted(
-                ((i, self._rerank(query, hits[i], s, trigram_scores.get(i, 0.0))
-                  if mode == "hybrid" else s)
-                 for i, s in candidates.items() if i in hits), key=lambda kv: -kv[1])
-        hits = store.chunks([i for i, _ in ranked[:k]])
-        return [ScoredHit(hits[i], score) for i, score in ranked[:k] if i in hits]
+            for variant, vector in zip(variants, vectors):
+                if mode in ("hybrid", "vector"):
+                    candidates.update(i for i, _ in self.library.get(kb).search(vector,
+                                                                                CANDIDATES))
+                if mode in ("hybrid", "keyword"):
+                    terms, trigrams = self._keyword(store, kb, variant)
+                    for i, score in terms + trigrams:
+                        keyword_scores[i] = max(score, keyword_scores.get(i, 0.0))
+                    best = max((score for _, score in trigrams), default=0.0)
+                    trigram_scores.update((i, score / best) for i, score in trigrams if best > 0)
+        if mode == "hybrid":
+            candidates.update(keyword_scores)
+        best_keyword = max(keyword_scores.values(), default=0.0)
+        bm25_weight = bm25_weight_for(query)
+        stored = store.chunk_vectors(list(candidates))
+        hits = store.chunks(list(candidates | set(keyword_scores)))
+        scored: list[ScoredHit] = []
+        for i, hit in hits.items():
+            cosine = max((float(stored[i] @ v) for v in vectors), default=0.0) \
+                if i in stored else 0.0
+            score, relevance = max(
+                (self._rerank(variant, hit, cosine, trigram_scores.get(i, 0.0))
+                 for variant in variants), key=lambda pair: pair[0])
+            if best_keyword > 0:
+                score += bm25_weight * keyword_scores.get(i, 0.0) / best_keyword
+            if mode == "vector":
+                score = cosine
+            elif mode == "keyword":
+                score = keyword_scores.get(i, 0.0)
+                if i not in keyword_scores:
+                    continue
+            elif i not in candidates:
+                continue
+            scored.append(ScoredHit(hit, score, relevance))
+        scored.sort(key=lambda s: -s.score)
+        return scored[:k]
 
     @staticmethod
     def _keyword(store: Store, kb: str, query: str
@@ -153,19 +190,23 @@ class Searcher:
                 store.keyword_search(kb, cjk, CANDIDATES, trigram=True) if cjk else [])
 
     @staticmethod
-    def _cosines(store: Store, ids: list[int], vector: np.ndarray) -> dict[int, float]:
-        return {i: float(v @ vector) for i, v in store.chunk_vectors(ids).items()}
-
-    @staticmethod
-    def _rerank(query: str, hit: ChunkHit, cosine: float, trigram: float) -> float:
+    def _rerank(query: str, hit: ChunkHit, cosine: float, trigram: float
+                ) -> tuple[float, float]:
+        """(ranking score, relevance) of one chunk for one wording of the question."""
         haystack = f"{hit.title} {hit.heading} {hit.text}".lower()
         stems, identifiers, grams = _question(query)
         score = cosine + TRIGRAM_WEIGHT * trigram
+        share = 0.0
         if stems:
             found = words(haystack)
-            score += TERM_WEIGHT * sum(t in found for t in stems) / len(stems)
+            share = sum(t in found for t in stems) / len(stems)
+            score += TERM_WEIGHT * share
+        found_ids = 0.0
         if identifiers:
-            score += IDENTIFIER_WEIGHT * sum(t in haystack for t in identifiers) / len(identifiers)
+            found_ids = sum(t in haystack for t in identifiers) / len(identifiers)
+            score += IDENTIFIER_WEIGHT * found_ids
         if grams:
-            score += TERM_WEIGHT * sum(g in haystack for g in grams) / len(grams)
-        return score
+            gram_share = sum(g in haystack for g in grams) / len(grams)
+            score += TERM_WEIGHT * gram_share
+            share = max(share, gram_share)
+        return score, cosine + TERM_WEIGHT * share + IDENTIFIER_WEIGHT * found_ids

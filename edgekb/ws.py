@@ -26,14 +26,17 @@ from typing import Any
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from . import __version__, events, keys
+from .access import ACCESS, CLIENT_ADDRESS, CLOSE_CODE, PRINCIPAL
 from .conversations import Conversations, Opened
 from .errors import EdgekbError
 from .heartbeat import Heartbeat, sweep_step
 from .identity import user_of
 from .protocol import (
     CLOSE_IDLE,
+    CLOSE_RATE_LIMITED,
     CLOSE_TAKEN_OVER,
     CLOSE_TOO_SLOW,
+    CLOSE_UNAUTHORIZED,
     PROTOCOL,
     Ask,
     Cancel,
@@ -53,12 +56,18 @@ OUTBOX_FRAMES = 64
 # connection lives on; only absurd frames make aiohttp close the socket.
 HARD_FRAME_CAP = 4 * 1024 * 1024
 CLOSE_WAIT_S = 5.0  # for the close handshake; then the socket is aborted
+# A client that keeps asking while refused for its rate is a runaway script: close it (4029).
+MAX_RATE_REFUSALS = 10
 
 
 class Connection:
     def __init__(self, request: web.Request, ws: web.WebSocketResponse, user: str,
                  opened: Opened) -> None:
         self.app = request.app
+        self.address = request.get(CLIENT_ADDRESS, request.remote or "")
+        self.principal = request[PRINCIPAL]
+        self.authority = request.app[ACCESS].authority
+        self.rate_refusals = 0  # in a row
         self.settings = request.app[keys.SETTINGS]
         self.core: Conversations = request.app[keys.CONVERSATIONS]
         self.ws = ws
@@ -118,10 +127,18 @@ class Connection:
 
     async def handle(self, raw: str | bytes) -> None:
         self.last_message = time.monotonic()
+        # The credential that opened the connection may have expired or been revoked since.
+        if self.authority is not None and not self.authority.still_valid(self.principal):
+            self.end(CLOSE_UNAUTHORIZED, b"sign in again")
+            return
         try:
             await self._dispatch(parse_client_message(raw, self.settings.server.max_message_bytes))
+            self.rate_refusals = 0
         except EdgekbError as exc:
             await self.send(events.error(exc))
+            self.rate_refusals = self.rate_refusals + 1 if exc.code == "rate_limited" else 0
+            if self.rate_refusals >= MAX_RATE_REFUSALS:
+                self.end(CLOSE_RATE_LIMITED, b"too many questions; slow down")
         except Exception:  # a bug: the client gets `internal`, the connection lives on
             log.exception("handling a frame of session %s failed", self.session_id)
             await self.send(events.error(EdgekbError("internal error")))
@@ -131,10 +148,11 @@ class Connection:
             await self.send(events.pong())
         elif isinstance(message, Ask):
             await self.core.ask(self.session_id, self.user, message.id, message.text,
-                                message.kbs)
+                                message.kbs, address=self.address)
             self._follow(message.id, 0)
         elif isinstance(message, Cancel):
-            await self.core.cancel(self.session_id, message.id)
+            await self.core.cancel(self.session_id, message.id, user=self.user,
+                                   address=self.address)
         elif isinstance(message, Resume):
             self._follow(message.id, message.after)
         elif isinstance(message, Hello):
@@ -260,7 +278,7 @@ def _reset(transport: asyncio.Transport) -> None:
 async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     app = request.app
     settings = app[keys.SETTINGS]
-    user = user_of(request)
+    user = user_of(request)  # the access middleware admitted this request
     opened = await app[keys.CONVERSATIONS].open(user, request.query.get("session"))
     ws = web.WebSocketResponse(
         protocols=(PROTOCOL,), autoping=False, compress=settings.server.compress,
@@ -292,5 +310,6 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
                           exc_info=outcome)
         app[keys.CONNECTIONS].discard(conn)
         code, reason = conn.ending.result() if conn.ending.done() else (WSCloseCode.OK, b"")
+        request[CLOSE_CODE] = code  # for the audit line of the disconnect
         await _close(ws, request.transport, code, reason)  # type: ignore[arg-type]
     return ws

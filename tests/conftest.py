@@ -27,8 +27,12 @@ from edgekb import events as wire
 from edgekb.catalog import Catalog, default_manifest_path, fetch
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODELS = ("gemma3-270m", "minilm-l6-int8")
-READY = re.compile(r"edgekb ready on http://([\d.]+):(\d+)/")
+# What `models.llm: auto` picks on a machine with 1.5 GB or more (CI has 24 GB), the small-board
+# LLM (tests of the 1 GB choice start it), and the embedder.
+DEFAULT_LLM = "qwen25-coder-05b"
+SMALL_BOARD_LLM = "smollm2-135m"
+DEFAULT_MODELS = (DEFAULT_LLM, SMALL_BOARD_LLM, "minilm-l6-int8")
+READY = re.compile(r"edgekb ready on (https?)://([\d.]+):(\d+)/")
 DEMO_QUESTION = "How do I reset the pump after an overpressure trip?"
 
 
@@ -57,16 +61,29 @@ def run_edgekb(args: list[str], env: dict[str, str], timeout: float = 300,
     return result
 
 
+def issue_token(data_dir: Path, env: dict[str, str], role: str = "admin",
+                sub: str = "test-admin", ttl: str = "8h") -> str:
+    """A token from `edgekb token issue` against the data dir, as an operator makes one."""
+    return run_edgekb(["token", "issue", "--sub", sub, "--role", role, "--ttl", ttl,
+                       "--data-dir", str(data_dir)], env, check=True).stdout.strip()
+
+
 @dataclass
 class Server:
     process: subprocess.Popen[str]
     url: str
     data_dir: Path
     log: Path
+    token: str = ""  # an admin token of this data dir: tests talk to a server with auth on
 
     @property
     def ws_url(self) -> str:
-        return self.url.replace("http://", "ws://") + "ws"
+        return self.url.replace("http://", "ws://").replace("https://", "wss://") + "ws"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """For aiohttp.ClientSession(headers=...): every request and upgrade carries them."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -79,19 +96,21 @@ class Server:
 
 
 def start_server(data_dir: Path, env: dict[str, str], *extra_args: str,
-                 timeout: float = 120) -> Server:
-    """Start `edgekb serve --port 0` and wait for its ready line (bounded in time)."""
+                 timeout: float = 120, launcher: tuple[str, ...] = ()) -> Server:
+    """Start `edgekb serve --port 0` and wait for its ready line (bounded in time).
+    ``launcher`` runs it through a command such as ("prlimit", "--nofile=1024:1024")."""
+    token = issue_token(data_dir, env)
     log = data_dir.parent / f"{data_dir.name}-serve.log"
     with log.open("w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "edgekb", "serve", "--data-dir", str(data_dir),
+            [*launcher, sys.executable, "-m", "edgekb", "serve", "--data-dir", str(data_dir),
              "--host", "127.0.0.1", "--port", "0", *extra_args],
             env=env, text=True, stdout=log_file, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         match = READY.search(log.read_text())
         if match:
-            return Server(process, f"http://{match[1]}:{match[2]}/", data_dir, log)
+            return Server(process, f"{match[1]}://{match[2]}:{match[3]}/", data_dir, log, token)
         if process.poll() is not None:
             raise AssertionError(f"server exited with {process.returncode}:\n{log.read_text()}")
         time.sleep(0.1)

@@ -20,6 +20,7 @@ from edgekb.app import create_app
 from edgekb.config import load_settings
 from edgekb.conversations import Conversations
 from edgekb.protocol import PROTOCOL
+from edgekb.tokens import token_authority
 
 MAX_FRAMES = 10_000  # bound on frames any helper reads
 
@@ -91,11 +92,15 @@ class Peer:
         await self.ws.close()
 
 
-async def start_core(aiohttp_client: Any, data_dir: Path, **overrides: Any) -> Core:
+async def start_core(aiohttp_client: Any, data_dir: Path, user: str = "test-user",
+                     **overrides: Any) -> Core:
+    """The app with authentication on, as shipped: the client carries a token of ``user``
+    (role admin) signed with the data dir's key, as `edgekb token issue` makes one."""
     settings = load_settings(env={}, overrides={"data_dir": data_dir, **overrides})
+    token, _ = token_authority(settings).issue(user, "admin", 3600)
     engine = ScriptedAnswers()
     app = create_app(settings, answers=engine)
-    client = await aiohttp_client(app)
+    client = await aiohttp_client(app, headers={"Authorization": f"Bearer {token}"})
     return Core(client, engine, app, data_dir)
 
 

@@ -49,7 +49,18 @@ async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
         await b.close()
 
 
-async def open_page(browser: Browser, url: str, timeout: float = 30) -> None:
+async def sign_in(browser: Browser, url: str, token: str) -> None:
+    """What a login leaves in the browser: the HttpOnly token cookie, set here through DevTools
+    (test_login_screen_signs_in_and_out goes through the login screen itself). A cookie is
+    not bound to a port: it holds for the server and a proxy in front of it alike."""
+    await browser.send("Network.setCookie", name="edgekb_token", value=token, url=url,
+                       httpOnly=True, sameSite="Strict")
+
+
+async def open_page(browser: Browser, url: str, token: str = "", timeout: float = 30) -> None:
+    """Open the page (signed in with ``token`` when given) and wait for its connection."""
+    if token:
+        await sign_in(browser, url, token)
     await browser.navigate(url)
     await connected(browser, timeout)
 

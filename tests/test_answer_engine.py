@@ -51,7 +51,7 @@ def short_server(demo_data_dir: Path, models_cache: Path, tmp_path_factory) -> S
 
 
 async def test_stages_arrive_in_order_with_reading_progress(server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         ws, _ = await connect(http, server)
         events = await ask(ws, "stages", DEMO_QUESTION)
         await ws.close()
@@ -69,7 +69,7 @@ async def test_stages_arrive_in_order_with_reading_progress(server: Server) -> N
 
 async def test_three_clients_all_told_their_place_and_served_in_turn(
         short_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=short_server.headers) as http:
         sockets = [(await connect(http, short_server))[0] for _ in range(3)]
         for i, ws in enumerate(sockets):
             await ws.send_json({"type": "ask", "id": f"c{i}", "text": DEMO_QUESTION})
@@ -86,7 +86,7 @@ async def test_three_clients_all_told_their_place_and_served_in_turn(
 
 
 async def test_full_queue_answers_busy_with_retry_after(short_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=short_server.headers) as http:
         ws, _ = await connect(http, short_server)
         for i in range(4):  # one runs, two wait, the fourth finds the queue full
             await ws.send_json({"type": "ask", "id": f"b{i}", "text": DEMO_QUESTION})
@@ -99,7 +99,7 @@ async def test_full_queue_answers_busy_with_retry_after(short_server: Server) ->
 
 
 async def test_cancel_stops_generation_and_the_next_request_starts(server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         ws, _ = await connect(http, server)
         await ws.send_json({"type": "ask", "id": "long", "text": DEMO_QUESTION})
         await ws.send_json({"type": "ask", "id": "next", "text": "How do I verify zero energy?"})
@@ -124,7 +124,7 @@ async def test_cancel_stops_generation_and_the_next_request_starts(server: Serve
 
 
 async def test_cancel_while_queued_leaves_the_queue(short_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=short_server.headers) as http:
         ws, _ = await connect(http, short_server)
         await ws.send_json({"type": "ask", "id": "first", "text": DEMO_QUESTION})
         await ws.send_json({"type": "ask", "id": "waiting", "text": DEMO_QUESTION})
@@ -149,7 +149,7 @@ async def until_llm_idle(http: aiohttp.ClientSession, server: Server) -> None:
 async def test_follow_up_uses_earlier_turns_and_reuses_the_cached_prefix(
         short_server: Server) -> None:
     server = short_server
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         ws_a, session_a = await connect(http, server)
         first = await ask(ws_a, "a1", DEMO_QUESTION)
         ws_b, _ = await connect(http, server)
@@ -177,7 +177,7 @@ async def test_follow_up_uses_earlier_turns_and_reuses_the_cached_prefix(
 async def test_same_question_same_answer_in_deterministic_mode(short_server: Server) -> None:
     server = short_server
     texts = []
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         for i in range(2):
             ws, _ = await connect(http, server)
             texts.append(answer_text(await ask(ws, f"det{i}", DEMO_QUESTION)))

@@ -19,7 +19,7 @@ from conftest import (
 
 
 async def test_demo_question_streams_sources_then_answer(server: Server) -> None:
-    async with aiohttp.ClientSession() as session, \
+    async with aiohttp.ClientSession(headers=server.headers) as session, \
             session.ws_connect(server.ws_url, protocols=("edgekb.v2",)) as ws:
         assert ws.protocol == "edgekb.v2"
         welcome = await receive_json(ws)
@@ -55,7 +55,7 @@ async def test_malformed_messages_get_typed_errors_and_connection_lives(server: 
         (json.dumps({"type": "cancel", "id": "nothing-running"}), "unknown_request"),
         (json.dumps({"type": "ask", "id": "big", "text": "x" * 70_000}), "too_large"),
     ]
-    async with aiohttp.ClientSession() as session, \
+    async with aiohttp.ClientSession(headers=server.headers) as session, \
             session.ws_connect(server.ws_url, protocols=("edgekb.v2",)) as ws:
         await receive_json(ws)  # welcome
         for frame, code in cases:
@@ -72,14 +72,14 @@ async def test_malformed_messages_get_typed_errors_and_connection_lives(server: 
 
 
 def test_cli_ask_prints_sources_then_the_streamed_answer(server: Server, models_cache) -> None:
-    env = edgekb_env(models_cache)
+    env = edgekb_env(models_cache, EDGEKB_TOKEN=server.token)  # as a script would pass it
     result = run_edgekb(["ask", DEMO_QUESTION, "--url", server.ws_url], env, check=True)
     first_line = result.stdout.splitlines()[0]
     assert first_line.startswith("[1] ") and "pump-manual.md" in first_line
     assert len(result.stdout.strip().splitlines()) > 2
 
-    as_json = run_edgekb(["ask", DEMO_QUESTION, "--url", server.ws_url, "--json"], env,
-                         check=True)
+    as_json = run_edgekb(["ask", DEMO_QUESTION, "--url", server.ws_url, "--json", "--token",
+                          server.token], edgekb_env(models_cache), check=True)
     events = [json.loads(line) for line in as_json.stdout.splitlines()]
     assert events[0]["type"] == "welcome" and events[-1]["type"] == "done"
     assert answer_text(events)

@@ -97,17 +97,22 @@ def http_dir(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         thread.join(timeout=10)
 
 
-def test_shipped_manifest_has_the_three_models() -> None:
+def test_shipped_manifest_has_the_board_models() -> None:
     catalog = Catalog.load(default_manifest_path())
-    assert set(catalog.entries) == {"gemma3-270m", "smollm2-135m", "minilm-l6-int8"}
+    assert set(catalog.entries) == {"gemma3-270m", "smollm2-135m", "qwen25-coder-05b",
+                                    "qwen25-coder-15b", "minilm-l6-int8"}
 
-    gemma = catalog.get("gemma3-270m", kind="llm")
-    assert gemma.settings["prompt_format"] == "completion"
-    assert gemma.settings["n_ctx"] == 2048
-    assert "\nQuestion:" in gemma.settings["stop"]
-    (source,) = gemma.files[0].sources
-    assert isinstance(source, PartsSource) and len(source.parts) == 4
+    qwen = catalog.get("qwen25-coder-05b", kind="llm")  # the default from 1.5 GB of RAM
+    assert qwen.settings["prompt_format"] == "chat"
+    assert qwen.settings["n_ctx"] == 2048
+    assert qwen.settings["repeat_penalty"] > 1.0  # greedy decoding loops without it
+    (source,) = qwen.files[0].sources
+    assert isinstance(source, PartsSource) and len(source.parts) == 6
     assert all(isinstance(p, PypiSource) for p in source.parts)
+
+    gemma = catalog.get("gemma3-270m", kind="llm")  # the base model keeps its completion form
+    assert gemma.settings["prompt_format"] == "completion"
+    assert "\nQuestion:" in gemma.settings["stop"]
 
     assert catalog.get("smollm2-135m", kind="llm").settings["prompt_format"] == "chat"
 

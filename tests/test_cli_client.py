@@ -31,6 +31,7 @@ from scripted import ScriptedAnswers
 from conftest import edgekb_env, run_edgekb
 from edgekb.app import create_app
 from edgekb.config import load_settings
+from edgekb.tokens import token_authority
 
 
 def free_port() -> int:
@@ -40,8 +41,10 @@ def free_port() -> int:
 
 
 class App:
-    def __init__(self, server: TestServer, engine: ScriptedAnswers, data_dir: Path) -> None:
+    def __init__(self, server: TestServer, engine: ScriptedAnswers, data_dir: Path,
+                 token: str) -> None:
         self.server, self.engine, self.data_dir = server, engine, data_dir
+        self.token = token  # auth is on: the CLI passes it as $EDGEKB_TOKEN
 
     @property
     def ws_url(self) -> str:
@@ -54,17 +57,22 @@ async def app(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[App]:
     settings = load_settings(env={}, overrides={"data_dir": data_dir, "storage.min_free_mb": 0})
     engine = ScriptedAnswers()
     server = await aiohttp_server(create_app(settings, answers=engine))
-    yield App(server, engine, data_dir)
+    token, _ = token_authority(settings).issue("tech", "user", 3600)
+    yield App(server, engine, data_dir, token)
 
 
-async def edgekb(*args: str, timeout: float = 60) -> tuple[int, str, str]:
-    """Run the CLI without blocking the loop that serves it."""
+async def edgekb(app: App, *args: str, timeout: float = 60) -> tuple[int, str, str]:
+    """Run the CLI, with the app's token, without blocking the loop that serves it."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "edgekb", *args, env=edgekb_env(Path("/nonexistent")),
+        sys.executable, "-m", "edgekb", *args, env=token_env(app),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = await asyncio.wait_for(process.communicate(), timeout)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+def token_env(app: App) -> dict[str, str]:
+    return edgekb_env(Path("/nonexistent"), EDGEKB_TOKEN=app.token)
 
 
 async def started(engine: ScriptedAnswers, question: str, timeout: float = 30) -> None:
@@ -107,17 +115,17 @@ def test_no_server_fails_within_seconds_saying_what_to_check(tmp_path: Path) -> 
 
 
 async def test_a_follow_up_continues_the_session_and_kbs_are_checked(app: App) -> None:
-    code, out, err = await edgekb("ask", "first question", "--url", app.ws_url)
+    code, out, err = await edgekb(app, "ask", "first question", "--url", app.ws_url)
     assert code == 0, err
     assert out.startswith("[1] P-200 manual, Troubleshooting (pump-manual.md, high match)")
     assert "Close the discharge valve." in out
     session = err.split("-- session ", 1)[1].split()[0]
-    code, _, err = await edgekb("ask", "second question", "--url", app.ws_url,
+    code, _, err = await edgekb(app, "ask", "second question", "--url", app.ws_url,
                                 "--session", session)
     assert code == 0, err
     assert app.engine.histories["second question"] == ["first question"]
     assert f"-- session {session} " in err
-    code, _, err = await edgekb("ask", "third", "--url", app.ws_url, "--kb", "line-9")
+    code, _, err = await edgekb(app, "ask", "third", "--url", app.ws_url, "--kb", "line-9")
     assert code == 1 and "error [not_found]" in err and "line-9" in err, err
 
 
@@ -125,7 +133,7 @@ async def test_ctrl_c_cancels_on_the_appliance_and_a_second_quits_at_once(app: A
     app.engine.script("held", hold_after=1)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "edgekb", "ask", "held", "--url", app.ws_url,
-        env=edgekb_env(Path("/nonexistent")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        env=token_env(app), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     await started(app.engine, "held")
     process.send_signal(signal.SIGINT)
     out, err = await asyncio.wait_for(process.communicate(), 30)
@@ -143,8 +151,7 @@ async def test_a_second_ctrl_c_quits_while_the_link_is_silent(app: App) -> None:
     try:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "edgekb", "ask", "held", "--url", proxy.ws_url(),
-            env=edgekb_env(Path("/nonexistent")), stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE)
+            env=token_env(app), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         await started(app.engine, "held")
         proxy.stall()  # the cancel cannot arrive, its answer cannot come back
         process.send_signal(signal.SIGINT)

@@ -46,7 +46,7 @@ async def upload(server: Server, kb: str, files: dict[str, bytes]) -> tuple[int,
     for name, data in files.items():
         form.add_field("file", io.BytesIO(data), filename=name,
                        content_type="application/octet-stream")
-    async with aiohttp.ClientSession() as http, \
+    async with aiohttp.ClientSession(headers=server.headers) as http, \
             http.post(f"{server.url}api/kbs/{kb}/documents", data=form) as response:
         body = await response.text()
         lines = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -54,13 +54,14 @@ async def upload(server: Server, kb: str, files: dict[str, bytes]) -> tuple[int,
 
 
 async def get_json(server: Server, path: str) -> Any:
-    async with aiohttp.ClientSession() as http, http.get(server.url + path) as response:
+    async with aiohttp.ClientSession(headers=server.headers) as http, \
+            http.get(server.url + path) as response:
         assert response.status == 200, await response.text()
         return await response.json()
 
 
 async def ask_sources(server: Server, text: str, kbs: list[str] | None) -> list[dict[str, Any]]:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         ws = await http.ws_connect(server.ws_url, protocols=("edgekb.v2",))
         await receive_json(ws)
         message: dict[str, Any] = {"type": "ask", "id": "s", "text": text}
@@ -73,7 +74,7 @@ async def ask_sources(server: Server, text: str, kbs: list[str] | None) -> list[
 
 
 async def test_upload_reports_each_file_and_bad_files_harm_nothing(kb_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=kb_server.headers) as http:
         watcher = await http.ws_connect(kb_server.ws_url, protocols=("edgekb.v2",))
         await receive_json(watcher)
         status, lines = await upload(kb_server, "line-1", {
@@ -118,7 +119,7 @@ async def test_too_large_upload_is_refused_and_nothing_kept(kb_server: Server) -
 
 
 async def test_bad_names_get_typed_errors(kb_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=kb_server.headers) as http:
         async with http.get(f"{kb_server.url}api/kbs/Bad Name!/documents") as response:
             assert response.status == 400
             assert (await response.json())["error"]["code"] == "invalid_kb"
@@ -130,10 +131,10 @@ async def test_bad_names_get_typed_errors(kb_server: Server) -> None:
 async def test_deleted_document_never_comes_back(kb_server: Server) -> None:
     await upload(kb_server, "line-2", {"gv40.md": VALVE_DOC.encode()})
     docs = (await get_json(kb_server, "api/kbs/line-2/documents"))["documents"]
-    async with aiohttp.ClientSession() as http, \
+    async with aiohttp.ClientSession(headers=kb_server.headers) as http, \
             http.delete(f"{kb_server.url}api/kbs/line-2/documents/{docs[0]['id']}") as response:
         assert response.status == 200
-    async with aiohttp.ClientSession() as http, \
+    async with aiohttp.ClientSession(headers=kb_server.headers) as http, \
             http.get(f"{kb_server.url}api/kbs/line-2/documents") as response:
         assert response.status == 404  # its only document gone, the knowledge base is too
         assert (await response.json())["error"]["code"] == "not_found"
@@ -143,7 +144,7 @@ async def test_deleted_document_never_comes_back(kb_server: Server) -> None:
 
 async def test_reindex_reingests_every_document(kb_server: Server) -> None:
     await upload(kb_server, "line-3", {"gv40.md": VALVE_DOC.encode()})
-    async with aiohttp.ClientSession() as http, \
+    async with aiohttp.ClientSession(headers=kb_server.headers) as http, \
             http.post(f"{kb_server.url}api/kbs/line-3/reindex") as response:
         lines = [json.loads(x) for x in (await response.text()).splitlines()]
     assert [line["status"] for line in lines if line["type"] == "file"] == ["updated"]
@@ -180,7 +181,7 @@ async def test_a_broken_reupload_keeps_the_good_version(kb_server: Server) -> No
     assert [p.name for p in stored.parent.iterdir()] == ["manual.md"], "an orphan was left"
     sources = await ask_sources(kb_server, "gland nut torque", ["line-4"])
     assert sources and sources[0]["doc"] == "manual.md"
-    async with aiohttp.ClientSession() as http, \
+    async with aiohttp.ClientSession(headers=kb_server.headers) as http, \
             http.post(f"{kb_server.url}api/kbs/line-4/reindex") as response:
         lines = [json.loads(x) for x in (await response.text()).splitlines()]
     assert [line["status"] for line in lines if line["type"] == "file"] == ["updated"]
@@ -196,7 +197,7 @@ async def test_a_failed_part_of_an_upload_leaves_nothing(kb_server: Server) -> N
 
 async def test_hostile_uploads_get_typed_errors(kb_server: Server) -> None:
     url = f"{kb_server.url}api/kbs/line-6/documents"
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=kb_server.headers) as http:
         for name in (b"bad\x00name.md", b".hidden.md", b"long" * 60 + b".md"):
             # Built by hand: aiohttp's client refuses to send a NUL in a header, curl does not.
             body = (b"--XX\r\nContent-Disposition: form-data; name=file; filename=\"" + name +

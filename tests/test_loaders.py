@@ -252,9 +252,18 @@ def test_html_without_main_drops_chrome_and_titles_from_h1(tmp_path: Path) -> No
         ("", "Intro."), ("Fitting", "Hand-tight plus a quarter turn.")]
 
 
+def test_html_attribute_holding_a_closing_bracket_leaks_no_markup(tmp_path: Path) -> None:
+    page = ('<body><h1 title="a > b">Valve V-9</h1><p>Open <a href="#x" data-x=\'1 > 0\' '
+            'class="ref">the vent</a> first.</p></body>')
+    document = load(write(tmp_path / "valve.html", page.encode()))
+    text = " ".join(s.text for s in document.sections)
+    assert document.title == "Valve V-9"
+    assert text == "Open the vent first."
+
+
 def test_hostile_html_is_read_in_linear_time(tmp_path: Path) -> None:
     # html.parser needs minutes for this (quadratic); libxml2 for the misnested tags
-    hostile = ("<a " * 100_000 + "<b>x</i>" * 100_000 + "<!--").encode()
+    hostile = ("<a " * 100_000 + "<b>x</i>" * 100_000 + '<a "' * 50_000 + "<!--").encode()
     started = time.monotonic()
     load(write(tmp_path / "hostile.html", hostile))
     assert time.monotonic() - started < 10
@@ -264,6 +273,9 @@ def test_hostile_html_is_read_in_linear_time(tmp_path: Path) -> None:
 
 GERMAN = "Druckbehälter prüfen. Größe der Öffnung: 25 mm."
 CHINESE = "温度过高时请立即停机。检查压力表！是否泄漏？"
+RUSSIAN = ("Перед обслуживанием насоса закройте напорный клапан и отключите питание. "
+           "Давление масла должно быть не ниже 2 бар.")
+JAPANESE = "ポンプの保守の前に吐出弁を閉じ、電源を切ってください。油圧は2バール以上が必要です。"
 
 
 @pytest.mark.parametrize(("text", "data"), [
@@ -275,7 +287,11 @@ CHINESE = "温度过高时请立即停机。检查压力表！是否泄漏？"
     ("Preis: 5 € – „gut“", "Preis: 5 € – „gut“".encode("cp1252")),
     (CHINESE, CHINESE.encode("gbk")),
     ("溫度過高時請立即停機。檢查壓力錶！", "溫度過高時請立即停機。檢查壓力錶！".encode("big5")),
-], ids=["utf8", "utf8-bom", "utf16-le-bom", "utf16-be-bom", "latin1", "cp1252", "gbk", "big5"])
+    (RUSSIAN, RUSSIAN.encode("cp1251")),
+    (RUSSIAN, RUSSIAN.encode("koi8-r")),
+    (JAPANESE, JAPANESE.encode("shift_jis")),
+], ids=["utf8", "utf8-bom", "utf16-le-bom", "utf16-be-bom", "latin1", "cp1252", "gbk", "big5",
+        "cp1251", "koi8-r", "shift-jis"])
 def test_text_encodings_decode(tmp_path: Path, text: str, data: bytes) -> None:
     document = load(write(tmp_path / "note.txt", data))
     assert document.sections == [Section("", None, text)]

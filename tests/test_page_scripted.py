@@ -19,11 +19,13 @@ from scripted import ScriptedAnswers
 from browser import Browser
 from edgekb.app import create_app
 from edgekb.config import load_settings
+from edgekb.tokens import token_authority
 
 
 class App:
-    def __init__(self, server: TestServer, engine: ScriptedAnswers) -> None:
+    def __init__(self, server: TestServer, engine: ScriptedAnswers, token: str) -> None:
         self.server, self.engine = server, engine
+        self.token = token  # an admin's, signed with the data dir's key (auth is on)
 
     @property
     def url(self) -> str:
@@ -36,7 +38,8 @@ async def app(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[App]:
                                                 "storage.min_free_mb": 0})
     engine = ScriptedAnswers()
     server = await aiohttp_server(create_app(settings, answers=engine))
-    yield App(server, engine)
+    token, _ = token_authority(settings).issue("tech", "admin", 3600)
+    yield App(server, engine, token)
 
 
 async def test_markdown_renders_safely_and_a_citation_opens_its_passage(app: App,
@@ -47,7 +50,7 @@ async def test_markdown_renders_safely_and_a_citation_opens_its_passage(app: App
                           "**Close** the discharge valve [1], then press `RESET` [2].\n\n",
                           "| Step | Action |\n|---|---|\n| 1 | Close |\n| 2 | Reset |\n\n",
                           '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'])
-    await open_page(browser, app.url)
+    await open_page(browser, app.url, app.token)
     await ask(browser, question)
     card = await card_when(browser, -1, ("done",))
     assert "<img src=x" in card["answer"], "markup from an answer must show as text"
@@ -79,7 +82,7 @@ async def test_markdown_renders_safely_and_a_citation_opens_its_passage(app: App
 async def test_the_queue_shows_position_estimate_and_time_and_stop_is_per_card(
         app: App, browser: Browser) -> None:
     app.engine.script("first question", hold_after=1)
-    await open_page(browser, app.url)
+    await open_page(browser, app.url, app.token)
     await ask(browser, "first question")
     await card_when(browser, 0, ("generating",))
     await ask(browser, "second question")
@@ -103,13 +106,13 @@ async def test_the_queue_shows_position_estimate_and_time_and_stop_is_per_card(
 async def test_a_reload_mid_answer_continues_and_a_second_tab_follows_it(
         app: App, browser: Browser) -> None:
     app.engine.script("held question", hold_after=2)
-    await open_page(browser, app.url)
+    await open_page(browser, app.url, app.token)
     await ask(browser, "held question")
     await browser.wait_for("document.querySelector('#cards [data-testid=answer]')"
                            ".textContent === 'Close the'", timeout=10)
     second = await browser.new_tab()
     try:
-        await open_page(second, app.url)
+        await open_page(second, app.url, app.token)
         followed = await card_when(second, 0, ("generating", "following"), timeout=10)
         assert followed["question"] == "held question"
         await second.wait_for("document.querySelector('#cards [data-testid=answer]')"
@@ -128,7 +131,7 @@ async def test_a_reload_mid_answer_continues_and_a_second_tab_follows_it(
 
 
 async def test_conversations_new_rename_switch_and_delete(app: App, browser: Browser) -> None:
-    await open_page(browser, app.url)
+    await open_page(browser, app.url, app.token)
     await ask(browser, "pump question")
     await card_when(browser, 0, ("done",))
     await browser.click("[data-testid=new-conversation]")
@@ -159,7 +162,7 @@ async def test_conversations_new_rename_switch_and_delete(app: App, browser: Bro
 async def test_hints_while_typing_and_see_also_after_the_answer(app: App,
                                                               browser: Browser) -> None:
     app.engine.script("reset the pump", see_also=True)
-    await open_page(browser, app.url)
+    await open_page(browser, app.url, app.token)
     await browser.type_into(QUESTION, "reset the pump")
     hints = await browser.wait_for(
         "[...document.querySelectorAll('[data-testid=hints] li')].map(l => l.textContent)"

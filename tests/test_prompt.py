@@ -18,14 +18,16 @@ def hit(n: int, words: int) -> ChunkHit:
     return ChunkHit(n, "default", f"/docs/manual-{n}.md", f"Manual {n}", "Maintenance", None, text)
 
 
-def turn(n: int, words: int) -> Turn:
-    return Turn(n, f"r{n}", f"question number {n}?", " ".join(["answer"] * words), [], "stop", 0.0)
+def turn(n: int, words: int, doc: str = "manual-1.md") -> Turn:
+    return Turn(n, f"r{n}", f"question number {n}?", " ".join(["answer"] * words),
+                [{"doc": doc}], "stop", 0.0)
 
 
-@pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
+# The two board defaults (chat templates from the GGUF) and the base model (completion form).
+@pytest.fixture(scope="module",
+                params=["qwen25-coder-05b", "smollm2-135m", "gemma3-270m"])
 def engine(request: pytest.FixtureRequest, models_cache: Path, tmp_path_factory):
-    if request.param != "gemma3-270m":  # the small model for 512 MB boards, chat template
-        fetch(models_cache, Catalog.load(default_manifest_path()).get(request.param))
+    fetch(models_cache, Catalog.load(default_manifest_path()).get(request.param))
     settings = Settings(data_dir=tmp_path_factory.mktemp("p"),
                         models=ModelsSettings(cache_dir=str(models_cache), llm=request.param),
                         generation=GenerationSettings(max_tokens=256))
@@ -65,3 +67,12 @@ def test_short_prompt_keeps_everything_in_order(engine) -> None:
         assert "<|im_start|>" in text and text.rstrip().endswith("assistant")
     else:
         assert text.endswith("Answer:")
+
+
+def test_turns_about_another_manual_stay_out(engine) -> None:
+    llm, builder, entry = engine
+    question = "Which torque applies to the flange bolts of the second pump?"
+    prompt = builder.build(question, [hit(1, 30)],
+                           [turn(1, 10, doc="chiller.md"), turn(2, 10)])
+    assert prompt.turns_used == 1
+    assert "question number 2?" in prompt.text and "question number 1?" not in prompt.text

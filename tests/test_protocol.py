@@ -240,7 +240,7 @@ async def ask_through_cuts(http: aiohttp.ClientSession, proxy: FaultProxy, reque
 
 async def test_resume_reassembles_the_exact_answer_over_a_hundred_cuts(
         fast_server: Server, proxy_to: Any) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=fast_server.headers) as http:
         _, reference = await answer_in_new_session(http, fast_server.ws_url, "reference")
         expected = answer_text(reference.events)
         assert expected
@@ -276,7 +276,7 @@ async def test_a_link_that_drops_every_kilobyte_still_delivers_the_whole_answer(
         proxy_to: Any) -> None:
     srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "kilobyte", *KILOBYTE_LINK)
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=srv.headers) as http:
             _, reference = await answer_in_new_session(http, srv.ws_url, "reference")
             proxy = await proxy_to(srv)
             session: str | None = None
@@ -315,7 +315,7 @@ async def test_a_link_that_drops_every_kilobyte_still_delivers_the_whole_answer(
 async def test_resume_after_the_answer_ended_replays_exactly_the_missing_events(
         fast_server: Server) -> None:
     url = fast_server.ws_url
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=fast_server.headers) as http:
         session, original = await answer_in_new_session(http, url, "fin")
         events = original.events
         k = len(events) // 2
@@ -369,7 +369,8 @@ async def _interrupt_then_resume(data_dir: Path, models_cache: Path, request_id:
     env = edgekb_env(models_cache)
     srv = start_server(data_dir, env, *RESTART)
     try:
-        async with aiohttp.ClientSession() as http, connect(http, srv.ws_url) as ws:
+        async with aiohttp.ClientSession(headers=srv.headers) as http, \
+                connect(http, srv.ws_url) as ws:
             session = (await next_json(ws))["session"]
             await ws.send_json({"type": "ask", "id": request_id, "text": DEMO_QUESTION})
             seen: list[dict[str, Any]] = []
@@ -399,7 +400,8 @@ async def _interrupt_then_resume(data_dir: Path, models_cache: Path, request_id:
 
     srv = start_server(data_dir, env, *RESTART)
     try:
-        async with aiohttp.ClientSession() as http, connect(http, srv.ws_url, session) as ws:
+        async with aiohttp.ClientSession(headers=srv.headers) as http, \
+                connect(http, srv.ws_url, session) as ws:
             assert (await next_json(ws))["resumed"] is True
             await ws.send_json({"type": "resume", "id": request_id, "after": last})
             rest = await read_request(ws, request_id, timeout=15)
@@ -446,13 +448,14 @@ def _masked_text_frame(payload: bytes) -> bytes:
 
 
 async def _flood_without_reading(sock: socket.socket, port: int, session: str, frames: int,
-                                 seconds: float) -> int:
+                                 seconds: float, token: str) -> int:
     """A raw WebSocket client that asks, then sends `history` requests and never reads a byte.
     Returns how many history requests the kernel took."""
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET /ws?session={session} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                   "Upgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                  f"Authorization: Bearer {token}\r\n"
                   "Sec-WebSocket-Protocol: edgekb.v2\r\n\r\n").encode())
     sock.sendall(_masked_text_frame(json.dumps(
         {"type": "ask", "id": "stalled", "text": OTHER_QUESTION}).encode()))
@@ -477,12 +480,14 @@ async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
     srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "stalled", *FAST)
     try:
         port = port_of(srv)
-        async with aiohttp.ClientSession() as http, connect(http, srv.ws_url) as ws:
+        async with aiohttp.ClientSession(headers=srv.headers) as http, \
+                connect(http, srv.ws_url) as ws:
             session = (await next_json(ws))["session"]
             await ask_in_session(ws, "warm", DEMO_QUESTION)  # each history page: over 1 KiB
             before = rss_kib(srv.process.pid)
             with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-                requests = await _flood_without_reading(sock, port, session, 100_000, 5.0)
+                requests = await _flood_without_reading(sock, port, session, 100_000, 5.0,
+                                                        srv.token)
                 # Meanwhile another client of the same session gets a whole answer.
                 other = await ask_in_session(ws, "meanwhile", OTHER_QUESTION)
                 assert answer_text(other.events)
@@ -514,7 +519,8 @@ async def test_a_client_that_never_reads_costs_bounded_memory_and_others_go_on(
 async def test_two_connections_of_one_session_follow_the_same_live_answer(
         fast_server: Server) -> None:
     url = fast_server.ws_url
-    async with aiohttp.ClientSession() as http, connect(http, url) as first:
+    async with aiohttp.ClientSession(headers=fast_server.headers) as http, \
+            connect(http, url) as first:
         session = (await next_json(first))["session"]
         async with connect(http, url, session) as second:
             assert (await next_json(second))["session"] == session
@@ -545,7 +551,8 @@ async def _history(ws: aiohttp.ClientWebSocketResponse, **fields: Any) -> dict[s
 
 
 async def test_history_returns_the_turns_in_order_with_paging(fast_server: Server) -> None:
-    async with aiohttp.ClientSession() as http, connect(http, fast_server.ws_url) as ws:
+    async with aiohttp.ClientSession(headers=fast_server.headers) as http, \
+            connect(http, fast_server.ws_url) as ws:
         session = (await next_json(ws))["session"]
         one = await ask_in_session(ws, "h1", DEMO_QUESTION)
         two = await ask_in_session(ws, "h2", OTHER_QUESTION)
@@ -582,7 +589,8 @@ async def test_history_returns_the_turns_in_order_with_paging(fast_server: Serve
 
 async def test_cancel_stops_the_answer_quickly_and_the_connection_goes_on(
         heartbeat_server: Server) -> None:
-    async with aiohttp.ClientSession() as http, connect(http, heartbeat_server.ws_url) as ws:
+    async with aiohttp.ClientSession(headers=heartbeat_server.headers) as http, \
+            connect(http, heartbeat_server.ws_url) as ws:
         await next_json(ws)
         await ws.send_json({"type": "ask", "id": "long", "text": DEMO_QUESTION})
         await ws.send_json({"type": "ask", "id": "waiting", "text": OTHER_QUESTION})
@@ -629,7 +637,8 @@ async def test_a_stalled_link_is_pinged_but_kept_while_its_tcp_acknowledges(
     acknowledges every byte (the proxy's kernel does), so the server pings but must not drop
     the link; once it flows again the client answers the queued pings and goes on."""
     proxy = await proxy_to(heartbeat_server)
-    async with aiohttp.ClientSession() as http, connect(http, proxy.ws_url()) as ws:
+    async with aiohttp.ClientSession(headers=heartbeat_server.headers) as http, \
+            connect(http, proxy.ws_url()) as ws:
         welcome = await next_json(ws)
         assert welcome["heartbeat"] == {"interval_s": 1.0, "timeout_s": 1.0}
         [link] = proxy.links
@@ -648,7 +657,7 @@ async def test_a_stalled_link_is_pinged_but_kept_while_its_tcp_acknowledges(
 async def test_a_slow_link_that_keeps_reading_is_not_closed(heartbeat_server: Server,
                                                             proxy_to: Any) -> None:
     rate = 1024
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=heartbeat_server.headers) as http:
         # A long finished answer replayed over the slow link: the backlog is all there at once,
         # however fast the model was.
         session, original = await answer_in_new_session(http, heartbeat_server.ws_url, "slow")
@@ -689,7 +698,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_resumes_completely(
     srv = _serve_copy(tmp_path_factory, demo_data_dir, models_cache, "drop", *SLOW_DROP)
     try:
         proxy = await proxy_to(srv)
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=srv.headers) as http:
             async with connect(http, proxy.ws_url()) as ws:
                 session = (await next_json(ws))["session"]
                 await ask_in_session(ws, "warm", DEMO_QUESTION)

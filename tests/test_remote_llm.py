@@ -39,7 +39,7 @@ def llama_server(models_cache: Path, tmp_path_factory: pytest.TempPathFactory) -
     with log.open("w") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model",
-             str(models_cache / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"),
+             str(models_cache / "qwen25-coder-05b" / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
              "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048", "--seed", "0"],
             stdout=out, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}/v1"
@@ -68,10 +68,10 @@ def remote_server(llama_server: str, demo_data_dir: Path, models_cache: Path,
     work = tmp_path_factory.mktemp("remote")
     manifest = work / "models.toml"
     manifest.write_text((REPO / "models.toml").read_text() + f"""
-[models.remote-gemma]
+[models.remote-qwen]
 kind = "llm"
 endpoint = "{llama_server}"
-model = "gemma"
+model = "qwen"
 n_ctx = 2048
 prompt_format = "completion"
 stop = ["\\nQuestion:", "\\n\\n\\n", "\\n\\n["]
@@ -79,14 +79,14 @@ stop = ["\\nQuestion:", "\\n\\n\\n", "\\n\\n["]
     data_dir = work / "data"
     shutil.copytree(demo_data_dir, data_dir, ignore=shutil.ignore_patterns("edgekb.lock"))
     srv = start_server(data_dir, edgekb_env(models_cache), "--set", f"models.manifest={manifest}",
-                       "--set", "models.llm=remote-gemma", "--set", "generation.max_tokens=48")
+                       "--set", "models.llm=remote-qwen", "--set", "generation.max_tokens=48")
     yield srv
     srv.stop()
 
 
 async def test_answer_streams_from_a_remote_openai_compatible_server(
         remote_server: Server) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=remote_server.headers) as http:
         ws = await http.ws_connect(remote_server.ws_url, protocols=("edgekb.v2",))
         await receive_json(ws)
         await ws.send_json({"type": "ask", "id": "r1", "text": DEMO_QUESTION})
@@ -103,7 +103,9 @@ async def test_answer_streams_from_a_remote_openai_compatible_server(
 
 
 async def test_unreachable_remote_server_is_a_typed_error(
-        remote_server: Server, models_cache: Path, tmp_path: Path) -> None:
+        remote_server: Server, demo_data_dir: Path, models_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
     manifest = tmp_path / "models.toml"
     manifest.write_text((REPO / "models.toml").read_text() + f"""
 [models.nowhere]
@@ -111,13 +113,15 @@ kind = "llm"
 endpoint = "http://127.0.0.1:{free_port()}/v1"
 n_ctx = 2048
 """)
+    # A question the manuals cover, so the answer really needs the LLM.
+    shutil.copytree(demo_data_dir, tmp_path / "data", ignore=shutil.ignore_patterns("edgekb.lock"))
     srv = start_server(tmp_path / "data", edgekb_env(models_cache),
                        "--set", f"models.manifest={manifest}", "--set", "models.llm=nowhere")
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=srv.headers) as http:
             ws = await http.ws_connect(srv.ws_url, protocols=("edgekb.v2",))
             await receive_json(ws)
-            await ws.send_json({"type": "ask", "id": "x", "text": "anything"})
+            await ws.send_json({"type": "ask", "id": "x", "text": DEMO_QUESTION})
             events = await collect(ws, "x")
             await ws.close()
         assert events[-1]["type"] == "error" and events[-1]["code"] == "llm_unavailable"

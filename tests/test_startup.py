@@ -24,7 +24,7 @@ def test_bad_config_file_is_reported_with_key_paths(tmp_path: Path, models_cache
 def test_corrupted_model_is_refused(tmp_path: Path, models_cache: Path) -> None:
     cache = tmp_path / "models"
     shutil.copytree(models_cache / "minilm-l6-int8", cache / "minilm-l6-int8")
-    shutil.copytree(models_cache / "gemma3-270m", cache / "gemma3-270m")
+    shutil.copytree(models_cache / "qwen25-coder-05b", cache / "qwen25-coder-05b")
     onnx = cache / "minilm-l6-int8" / "minilm-l6-int8.onnx"
     data = bytearray(onnx.read_bytes())
     data[len(data) // 2] ^= 0xFF

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,7 @@ from pagelib import (  # noqa: F401
     open_page,
     rendered,
     screenshot,
+    sign_in,
     watch_answers,
 )
 
@@ -89,7 +92,7 @@ async def first_words(tab: Browser, index: int = -1, timeout: float = ANSWER_S) 
 async def test_on_a_phone_hints_come_while_typing_then_sources_then_streamed_tokens(
         browser: Browser, page_server: Server) -> None:
     await browser.viewport(390, 844, mobile=True)
-    await open_page(browser, page_server.url)
+    await open_page(browser, page_server.url, page_server.token)
     welcome = await browser.wait_for(
         "(() => { const w = document.querySelector('[data-testid=welcome]');"
         " const ex = [...document.querySelectorAll('[data-testid=examples] button')];"
@@ -150,7 +153,7 @@ async def test_on_a_phone_hints_come_while_typing_then_sources_then_streamed_tok
 
 async def test_a_link_cut_mid_answer_completes_without_repetition(
         browser: Browser, page_server: Server, proxy: FaultProxy) -> None:
-    await open_page(browser, proxied(proxy))
+    await open_page(browser, proxied(proxy), page_server.token)
     await ask(browser, "What does the AC-75 compressor do when it overheats?")
     await first_words(browser)
     cuts_mid_answer = 0
@@ -171,7 +174,7 @@ async def test_a_link_cut_mid_answer_completes_without_repetition(
 
 async def test_a_reload_mid_answer_continues_and_a_second_tab_follows_it_live(
         browser: Browser, page_server: Server) -> None:
-    await open_page(browser, page_server.url)
+    await open_page(browser, page_server.url, page_server.token)
     await ask(browser, "How do I replace the mechanical seal of the P-200?")
     await first_words(browser)
     second = await browser.new_tab()
@@ -199,12 +202,13 @@ async def test_a_reload_mid_answer_continues_and_a_second_tab_follows_it_live(
 
 async def test_a_page_load_cut_mid_transfer_recovers(tmp_path: Path, page_server: Server,
                                                      proxy: FaultProxy) -> None:
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=page_server.headers) as http:
         async with http.get(page_server.url) as response:
             index = len(await response.read()) + 250  # with its headers
     proxy.cut_after(index + 20_000)  # the scripts and style sheet are 70 KB together
     tab = await launch(tmp_path, "fresh")
     try:
+        await sign_in(tab, proxied(proxy), page_server.token)
         await tab.navigate(proxied(proxy))
         shown = await tab.wait_for("!document.getElementById('boot-fail').hidden || "
                                    "(window.edgekb && edgekb.ready ? 'started' : false)", 30)
@@ -220,7 +224,7 @@ async def test_a_page_load_cut_mid_transfer_recovers(tmp_path: Path, page_server
 
 async def test_a_question_asked_offline_survives_a_reload_and_goes_when_the_link_returns(
         browser: Browser, page_server: Server, proxy: FaultProxy) -> None:
-    await open_page(browser, proxied(proxy))
+    await open_page(browser, proxied(proxy), page_server.token)
     # The service worker keeps the page's shell: a reload without a link still opens it.
     assert await browser.evaluate("navigator.serviceWorker.ready.then(r => !!r.active)")
     proxy.go_down()
@@ -244,7 +248,8 @@ async def test_a_question_asked_offline_survives_a_reload_and_goes_when_the_link
 async def test_stop_ends_its_own_card_while_the_next_question_waits_its_turn(
         browser: Browser, page_server: Server) -> None:
     first = "What are the lockout steps?"
-    await open_page(browser, page_server.url + "?q=" + first.replace(" ", "%20"))
+    await open_page(browser, page_server.url + "?q=" + first.replace(" ", "%20"),
+                    page_server.token)
     await card_when(browser, 0, ("queued", "starting", "retrieving", "found", "reading",
                                  "generating", *FINAL), timeout=30)
     await ask(browser, "What does the PC-20 controller error E-204 mean?")
@@ -264,7 +269,7 @@ async def test_an_admin_uploads_with_progress_reindexes_and_deletes(
     manual = tmp_path / "zx9-gearbox.md"
     manual.write_text("# ZX-9 Gearbox\n\n## Oil change\n\nChange the ZX-9 gearbox oil every "
                       "900 operating hours with 4.5 L of ISO VG 220 gear oil.\n")
-    await open_page(browser, page_server.url)
+    await open_page(browser, page_server.url, page_server.token)
     await browser.click("[data-testid=docs]")
     status = await browser.wait_for("(() => { const s = document.querySelector("
                                     "'[data-testid=admin-status]').textContent;"
@@ -287,7 +292,56 @@ async def test_an_admin_uploads_with_progress_reindexes_and_deletes(
     await browser.evaluate("window.confirm = () => true")
     await browser.click("[aria-label='Delete zx9-gearbox.md']")
     await browser.wait_for(f"!{kb}.innerText.includes('uploads')", 30)
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=page_server.headers) as http:
         async with http.get(page_server.url + "api/kbs") as response:
             names = [k["name"] for k in (await response.json())["kbs"]]
     assert names == ["default"]
+
+
+async def test_stop_then_ask_again_answers(browser: Browser, page_server: Server) -> None:
+    """Stop, then ask again: the stopped card stays stopped and the next question is answered
+    (its answer not empty: the cancelled one does not poison the conversation)."""
+    await open_page(browser, page_server.url, page_server.token)
+    await ask(browser, DEMO_QUESTION)
+    await first_words(browser)
+    await browser.click("#cards > .card:nth-child(1) [data-testid=stop]")
+    stopped = await card_when(browser, 0, FINAL, timeout=60)
+    assert stopped["stage"] == "cancelled" and stopped["status"] == "Stopped", stopped
+    await ask(browser, "What does the AC-75 compressor do when it overheats?")
+    card = await card_when(browser, 1, FINAL, timeout=ANSWER_S, count=2)
+    assert card["stage"] in ANSWERED, card
+    assert card["answer"].strip(), card
+    await shows_stored_answer(browser, page_server, card)
+    assert (await cards(browser))[0]["stage"] == "cancelled"
+
+
+async def test_login_screen_signs_in_and_out(browser: Browser, page_server: Server,
+                                             models_cache: Path) -> None:
+    env = edgekb_env(models_cache)
+    added = subprocess.run([sys.executable, "-m", "edgekb", "users", "add", "tech1",
+                            "--password-stdin", "--data-dir", str(page_server.data_dir)],
+                           input="wrench-and-gauge\n", env=env, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert added.returncode == 0, added.stderr
+    await browser.navigate(page_server.url)
+    await browser.wait_for("!document.querySelector('[data-testid=login]').hidden", timeout=30)
+    assert await browser.evaluate("document.querySelector('#ask-form').hidden") is True
+    await browser.type_into("[data-testid=login-name]", "tech1")
+    await browser.type_into("[data-testid=login-password]", "not-the-password")
+    await browser.click("[data-testid=login-submit]")
+    await browser.wait_for("document.querySelector('#notice').textContent.includes('wrong')",
+                           timeout=30)
+    await browser.type_into("[data-testid=login-password]", "wrench-and-gauge")
+    await browser.click("[data-testid=login-submit]")
+    await connected(browser)
+    # The token is in an HttpOnly cookie: the page's script cannot read it.
+    assert "edgekb_token" not in await browser.evaluate("document.cookie")
+    assert await browser.evaluate("document.querySelector('[data-testid=docs]').hidden"), \
+        "a user who is no admin sees no documents panel"
+    await ask(browser, DEMO_QUESTION)
+    card = await card_when(browser, -1, FINAL, timeout=ANSWER_S)
+    assert card["stage"] in ANSWERED, card
+    await browser.click("[data-testid=logout]")
+    await browser.wait_for("!document.querySelector('[data-testid=login]').hidden", timeout=30)
+    await browser.navigate(page_server.url)  # a reload stays signed out
+    await browser.wait_for("!document.querySelector('[data-testid=login]').hidden", timeout=30)

@@ -14,10 +14,12 @@ from ..errors import CorruptDocument, EmptyDocument, IngestError, UnsupportedFor
 from .base import LoadedDocument, Loader, Section
 from .docx import load_docx
 from .html import load_html
+from .inflate import InflateLimits, applied
 from .pdf import load_pdf
 from .text import load_markdown, load_text
 
-__all__ = ["LOADERS", "LoadedDocument", "Loader", "Section", "load_document", "supported"]
+__all__ = ["LOADERS", "InflateLimits", "LoadedDocument", "Loader", "Section", "load_document",
+           "supported"]
 
 LOADERS: dict[str, Loader] = {
     ".txt": load_text,
@@ -35,14 +37,18 @@ def supported(path: Path) -> bool:
     return path.suffix.lower() in LOADERS
 
 
-def load_document(path: Path, data: bytes) -> LoadedDocument:
+def load_document(path: Path, data: bytes,
+                  limits: InflateLimits | None = None) -> LoadedDocument:
+    """``limits``: the decompression ceilings for DOCX parts and PDF streams (the defaults of
+    inflate.py when None)."""
     suffix = path.suffix.lower()
     loader = LOADERS.get(suffix)
     if loader is None:
         known = ", ".join(sorted(LOADERS))
         raise UnsupportedFormat(f"{path.name}: unsupported format (supported: {known})")
     try:
-        document = loader(path, data)
+        with applied(limits):
+            document = loader(path, data)
     except IngestError:
         raise
     except Exception as exc:  # pypdf, python-docx and zipfile raise many kinds on bad input

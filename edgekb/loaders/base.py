@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,7 @@ class Outline:
         self._stack.clear()
 
     def add(self, line: str) -> None:
+        line = line.rstrip().rstrip("\u00b6")  # a permalink mark after a Sphinx term
         if line.strip() or (self._lines and self._lines[-1]):
             self._lines.append(line)
 
@@ -84,6 +87,34 @@ def table_row(cells: Iterable[str]) -> str:
     return "| " + " | ".join(" ".join(cell.split()) for cell in cells) + " |"
 
 
+# Permalink marks that documentation generators put after headings (Sphinx, pandoc).
+_HEADING_MARKS = "\u00b6\u00a7#\uf0c1"
+_TITLE_SUFFIX = re.compile(r"\s+[\u2014\u2013|-]\s+(?P<project>[^\u2014\u2013|]+?)\s+"
+                           r"(?:latest\s+|v?[\d.]+\s+)?(?:documentation|docs)\s*$", re.IGNORECASE)
+
+
+def clean_heading(text: str) -> str:
+    """One line, entities decoded, without trailing permalink marks such as pandoc's "¶"."""
+    return " ".join(html.unescape(text).split()).rstrip(_HEADING_MARKS).strip()
+
+
+def clean_title(text: str) -> str:
+    """A page title a reader can use: "VRRP — FRR latest documentation" -> "VRRP (FRR)",
+    entities decoded."""
+    title = clean_heading(text)
+    return _TITLE_SUFFIX.sub(lambda m: f" ({m['project']})", title).strip() or title
+
+
+_FURNITURE_HEADINGS = frozenset({"navigation", "table of contents", "previous topic",
+                                 "next topic", "this page", "quick search", "contents"})
+
+
+def is_furniture(section: Section) -> bool:
+    """Sphinx and DocBook page chrome that survives as text: navigation bars, the sidebar's
+    table of contents, "Show Source"; matched instead of the answer, it only misleads."""
+    return section.heading.rsplit(" > ", 1)[-1].lower() in _FURNITURE_HEADINGS
+
+
 def stem_title(path: Path) -> str:
     return path.stem.replace("-", " ").replace("_", " ")
 
@@ -91,4 +122,9 @@ def stem_title(path: Path) -> str:
 def title_from_text(path: Path, text: str) -> str:
     """The first line when it is short enough to be a title, else the file name."""
     first = next((line.strip() for line in text[:2000].splitlines() if line.strip()), "")
-    return first if 0 < len(first) <= 100 else stem_title(path)
+    return first if 0 < len(first) <= 100 and _has_words(first) else stem_title(path)
+
+
+def _has_words(title: str) -> bool:
+    """A title has at least a few letters: "." or "3" (a page number) is no title."""
+    return sum(c.isalpha() for c in title) >= 3

@@ -1,7 +1,10 @@
 """DOCX -> sections under their Heading 1..6 path; tables kept one whole row per line.
 
-The zip is inspected before python-docx opens it: python-docx reads every part into memory, so a
-zip bomb posing as DOCX must be refused on its declared sizes, without inflating anything.
+The zip is checked before python-docx opens it: python-docx reads every part into memory through
+zipfile, which inflates a member whole before comparing it with its declared size. So every
+member is first inflated in bounded steps that count the bytes it really produces (inflate.py),
+against the per-part and per-document ceilings; only an archive whose members all produce what
+they declare, within both, reaches python-docx.
 """
 
 from __future__ import annotations
@@ -17,12 +20,11 @@ from docx.styles.style import BaseStyle
 from docx.table import Table, _Cell
 
 from ..errors import CorruptDocument, DocumentTooLarge
-from .base import LoadedDocument, Outline, TextBudget, stem_title, table_row
+from .base import (LoadedDocument, Outline, TextBudget, clean_heading, clean_title, is_furniture,
+                   stem_title, table_row)
+from .inflate import InflateBudget, current_limits, verify_zip_members
 
-MAX_UNCOMPRESSED = 200 * 1024 * 1024
 MAX_MEMBERS = 10_000
-MAX_RATIO = 100             # deflate reaches about 1000:1 on zeros; real XML about 10-30:1
-_RATIO_FLOOR = 1024 * 1024  # tiny parts compress well too: the ratio matters only for big ones
 _EOCD = b"PK\x05\x06"
 _EOCD_WINDOW = 22 + 65_535  # the end record and the longest zip comment
 _HEADING_STYLE = re.compile(r"heading ([1-6])", re.IGNORECASE)
@@ -38,7 +40,7 @@ def _declared_members(path: Path, data: bytes) -> int:
 
 
 def _check_package(path: Path, data: bytes) -> None:
-    """Refuse zip bombs and non-Word zips on the archive's own declarations."""
+    """Refuse zip bombs and non-Word zips before python-docx reads anything."""
     if _declared_members(path, data) > MAX_MEMBERS:
         raise DocumentTooLarge(f"{path.name}: more than {MAX_MEMBERS} parts in the archive")
     try:
@@ -48,23 +50,20 @@ def _check_package(path: Path, data: bytes) -> None:
         raise CorruptDocument(f"{path.name}: not a DOCX file ({exc})") from exc
     if len(members) > MAX_MEMBERS:
         raise DocumentTooLarge(f"{path.name}: more than {MAX_MEMBERS} parts in the archive")
-    total = 0
     for member in members:
-        # Word writes only stored and deflated parts; bzip2 and lzma would inflate without the
-        # size bound zipfile applies to deflate.
+        # Word writes only stored and deflated parts; bzip2 and lzma are refused rather than
+        # given a bounded inflater of their own.
         if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise CorruptDocument(f"{path.name}: {member.filename} uses an unsupported "
                                   "compression method")
-        if (member.file_size > _RATIO_FLOOR
-                and member.file_size > MAX_RATIO * max(member.compress_size, 1)):
-            raise DocumentTooLarge(f"{path.name}: {member.filename} is compressed more than "
-                                   f"{MAX_RATIO}:1 (a zip bomb?)")
-        total += member.file_size
-    if total > MAX_UNCOMPRESSED:
-        raise DocumentTooLarge(f"{path.name}: unpacks to {total // 2**20} MB, over the "
-                               f"{MAX_UNCOMPRESSED // 2**20} MB limit")
     if "word/document.xml" not in {member.filename for member in members}:
         raise CorruptDocument(f"{path.name}: not a Word document (no word/document.xml)")
+    limits = current_limits()
+    declared = sum(member.file_size for member in members)
+    if declared > limits.document_bytes:  # an honest big archive: refused without inflating
+        raise DocumentTooLarge(f"{path.name}: unpacks to {declared // 2**20} MB, over the "
+                               f"{limits.document_bytes // 2**20} MB limit (a zip bomb?)")
+    verify_zip_members(path, data, members, InflateBudget(path, limits))
 
 
 def _style_level(style: BaseStyle | None) -> int | None:
@@ -129,7 +128,9 @@ def load_docx(path: Path, data: bytes) -> LoadedDocument:
         else:
             if level == 1 and not first_heading:
                 first_heading = " ".join(text.split())
-            outline.heading(level, budget.take(" ".join(text.split())))
+            outline.heading(level, budget.take(clean_heading(text)))
     outline.flush()
-    return LoadedDocument(title or first_heading or stem_title(path), "docx", outline.sections)
+    sections = [s for s in outline.sections if not is_furniture(s)] or outline.sections
+    return LoadedDocument(clean_title(title or first_heading) or stem_title(path), "docx",
+                          sections)
 

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from html import unescape
 from pathlib import Path
 
-from .base import LoadedDocument, Outline, Section, TextBudget, stem_title, table_row
+from .base import (LoadedDocument, Outline, Section, TextBudget, clean_heading, clean_title,
+                   is_furniture, stem_title, table_row)
 from .text import decode_text
 
 _DROP = frozenset({"script", "style", "nav", "aside", "form", "noscript", "template", "svg",
@@ -31,13 +32,18 @@ _LINE = frozenset({"br", "dt", "dd"})
 _HEADINGS = {f"h{n}": n for n in range(1, 7)}
 _MAX_HEADING = 200  # longer "headings" are unclosed tags swallowing text: keep it as text
 
-_TAG = re.compile(r"<(/?)([a-zA-Z][^\s/<>]*)[^<>]*>")
+# Quoted attribute values may hold ">" (title="a > b"): the tag ends at the first ">" outside
+# quotes. A value is bounded in length, so a stray quote costs a bounded scan, never a
+# quadratic one.
+_TAG = re.compile(r"<(/?)([a-zA-Z][^\s/<>]*)(?:[^<>\"']|\"[^\"]{0,4096}\"|'[^']{0,4096}')*>")
 _BOGUS = re.compile(r"<[!?/][^<>]*>")  # doctype, processing instruction, stray end tag
 _RAW_END = {name: re.compile(rf"</{name}[\s/>]", re.IGNORECASE)
             for name in ("script", "style", "title", "textarea")}
 _META_CHARSET = re.compile(rb"<meta[^>]{0,512}?charset\s*=\s*[\"']?\s*([a-zA-Z0-9_.:-]{1,40})",
                            re.IGNORECASE)
+_NAV_WORDS = frozenset({"prev", "up", "home", "next"})
 _HAS_MAIN = re.compile(r"<(main|article)[\s>]", re.IGNORECASE)
+
 
 
 def _tokens(text: str) -> Iterator[tuple[str, str]]:
@@ -68,6 +74,12 @@ def _tokens(text: str) -> Iterator[tuple[str, str]]:
             found = raw_end.search(text, pos)
             yield "data", text[pos:found.start() if found else size]
             pos = found.start() if found else size
+
+
+def _is_nav_row(cells: list[str]) -> bool:
+    """DocBook's "Prev | Up | Home | Next" bars, a table row of links around every page."""
+    words = {" ".join(cell.split()).lower() for cell in cells}
+    return len(words & _NAV_WORDS) >= 2
 
 
 class _PageText:
@@ -183,7 +195,7 @@ class _PageText:
             return
         level, parts = self._heading
         self._heading = None
-        text = " ".join("".join(parts).split())
+        text = clean_heading("".join(parts))
         if len(text) > _MAX_HEADING:
             self.outline.add(text)
         elif text and not self.title and level == 1:
@@ -202,7 +214,7 @@ class _PageText:
     def _end_row(self) -> None:
         self._end_cell()
         cells, self._row = self._row, None
-        if cells and any(cell.strip() for cell in cells):
+        if cells and any(cell.strip() for cell in cells) and not _is_nav_row(cells):
             self._break()
             self.outline.add(table_row(cells))
 
@@ -236,4 +248,6 @@ def load_html(path: Path, data: bytes) -> LoadedDocument:
     page = _read(path, text, main_only=has_main)
     if has_main and not page.outline.sections:
         page = _read(path, text, main_only=False)
-    return LoadedDocument(page.title or stem_title(path), "html", page.outline.sections)
+    sections = [s for s in page.outline.sections if not is_furniture(s)]
+    return LoadedDocument(clean_title(page.title) or stem_title(path), "html",
+                          sections or page.outline.sections)

@@ -27,9 +27,9 @@ CONNECT_CONCURRENCY = 100
 PING_INTERVAL_S = 0.02
 
 
-def client_session() -> aiohttp.ClientSession:
+def client_session(headers: dict[str, str] | None = None) -> aiohttp.ClientSession:
     # limit=0: websockets keep their connector slot, and we hold thousands.
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers,
                                  timeout=aiohttp.ClientTimeout(total=60))
 
 
@@ -107,7 +107,8 @@ async def loop_lag(server: Server, http: aiohttp.ClientSession, question: str,
     """Ping round trips while ``followers`` connections of one session follow one answer."""
     pinger = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "benchlib.pinger", server.ws_url, str(PING_INTERVAL_S), "600",
-        env=benchlib_env(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        env={**benchlib_env(), "EDGEKB_TOKEN": server.token}, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE)
     assert pinger.stdout is not None
     try:
         ready = await asyncio.wait_for(pinger.stdout.readline(), 60)

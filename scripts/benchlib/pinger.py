@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import threading
 import time
@@ -30,7 +31,9 @@ async def measure(url: str, interval: float, max_s: float) -> list[list[float]]:
 
     threading.Thread(target=wait_for_stdin, daemon=True).start()
     samples: list[list[float]] = []
-    async with aiohttp.ClientSession() as http:
+    token = os.environ.get("EDGEKB_TOKEN", "")  # passed by the bench, never on the command line
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as http:
         ws = await http.ws_connect(url, protocols=("edgekb.v2",))
         await ws.receive(timeout=30)  # welcome
         print("ready", flush=True)

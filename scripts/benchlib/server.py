@@ -28,7 +28,13 @@ class Server:
     log_path: Path
     startup_s: float
     rss_ready_kb: int
+    token: str = ""
     _drain: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """For every client of this server: authentication is on, as shipped."""
+        return {"Authorization": f"Bearer {self.token}"}
 
     @property
     def pid(self) -> int:
@@ -61,9 +67,10 @@ def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float 
     and the server never blocks on a full pipe. It inherits the open-file limit this process
     raised at start (__main__), enough for thousands of sockets.
     """
+    token = serverproc.issue_token(data_dir, edgekb_env())
     args = [sys.executable, "-m", "edgekb", "serve", "--data-dir", str(data_dir),
             "--host", HOST, "--port", "0"]
-    for item in settings:
+    for item in (*serverproc.UNLIMITED, *settings):
         args += ["--set", item]
     started = time.perf_counter()
     process = subprocess.Popen(args, env=edgekb_env(), stdout=subprocess.DEVNULL,
@@ -93,7 +100,8 @@ def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float 
         process.wait(timeout=10)
         raise RuntimeError(f"server not ready (exit {process.poll()}):\n"
                            f"{log_path.read_text(errors='replace')[-3000:]}")
-    return Server(process, found["url"], log_path, found["at"] - started, found["rss"], thread)
+    return Server(process, found["url"], log_path, found["at"] - started, found["rss"], token,
+                  thread)
 
 
 def ingest_demo(data_dir: Path, timeout: float = 600) -> None:

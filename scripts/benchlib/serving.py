@@ -53,7 +53,7 @@ async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
     follow-ups), then raw with the same prompt and the same cached prefix the server had."""
     pairs = []
     raw.warm_up(prompts[0])
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         for number, prompt in enumerate(prompts):
             ws, _ = await connect(http, server.ws_url)
             answer = await ask(ws, f"s{number}", prompt.question)
@@ -81,7 +81,7 @@ async def follow_ups(server: Server, count: int) -> list[Answer]:
     the same on both (the KV cache's numerics depend on what was evaluated before).
     """
     thirds = []
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         for number, questions in enumerate(FOLLOW_UPS[:count]):
             ws, _ = await connect(http, server.ws_url)
             await ask(ws, f"f{number}-1", questions[0])
@@ -99,7 +99,7 @@ async def queue_waits(server: Server, rounds: int) -> tuple[list[float], list[li
     """Three clients ask at once; ms until each got its first `queued`, then all cancel."""
     waits: list[float] = []
     positions: list[list[int]] = []
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         for round_ in range(rounds):
             sockets = [ws for ws, _ in await asyncio.gather(
                 *(connect(http, server.ws_url) for _ in range(QUEUE_CLIENTS)))]
@@ -179,7 +179,7 @@ async def many_connections(sheet: Sheet, server: Server, quick: bool, question: 
     five_k = not quick and limit >= 5000 + FD_MARGIN
     counts = [1000, 5000] if five_k else [1000]
     settle = 2.0 if quick else 25.0  # full: longer than heartbeat_s, so pings go both ways
-    async with connections.client_session() as http:
+    async with connections.client_session(server.headers) as http:
         pool = connections.IdlePool(http)
         log("connections: 1,000 idle connections to the server")
         per = {1000: await connections.idle_growth_kb(server.pid, server.ws_url, http, pool,
@@ -262,7 +262,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
             sheet.detail("queue", {"waits_ms": [round(w, 1) for w in waits],
                                    "first_positions": positions})
             log("wire: one answer through a counting proxy")
-            plain_run = await wire.answer_bytes(main.port, QUESTIONS[0], 0)
+            plain_run = await wire.answer_bytes(main.port, QUESTIONS[0], 0, main.headers)
             plain = wire.compare(plain_run, raw.token_pieces, raw.entry.name)
             sheet.put("wire_bytes_ratio", plain["ratio"],
                       "server->client TCP bytes of one whole answer over our WebSocket "
@@ -284,7 +284,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
             fresh = await follow_ups(alt, conversations)
             record_follow_up(sheet, reuse, fresh)
             log("wire: one answer with permessage-deflate")
-            deflated = await wire.answer_bytes(alt.port, QUESTIONS[0], 15)
+            deflated = await wire.answer_bytes(alt.port, QUESTIONS[0], 15, alt.headers)
         finally:
             alt.stop()
         compressed = wire.compare(deflated, raw.token_pieces, raw.entry.name)

@@ -120,12 +120,13 @@ class WireRun:
     by_type: dict[str, int]     # JSON payload bytes per event type, as the client decoded them
 
 
-async def answer_bytes(ws_url_port: int, question: str, compress: int) -> WireRun:
+async def answer_bytes(ws_url_port: int, question: str, compress: int,
+                       headers: dict[str, str]) -> WireRun:
     """One whole answer in a new session through the counting proxy."""
     proxy = CountingProxy(ws_url_port)
     await proxy.start()
     try:
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=headers) as http:
             ws, welcome = await connect(http, f"ws://{HOST}:{proxy.port}/ws", compress=compress)
             answer = await ask(ws, "wire", question)
             await ws.close()

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+import serverproc  # scripts/ is on the path, as for .server
+
 from .badlink import BadLink, bad_link
 from .client import Stats, demo_questions, run_client
 from .server import REPO, SERVER_PORT, Server, edgekb_env, prepare_data_dir
@@ -84,7 +86,7 @@ async def _cut_at_random(proxy: FaultProxy, until: float, rng: random.Random) ->
 
 
 async def soak(args: argparse.Namespace, server: Server, link: BadLink,
-               seed: int) -> dict[str, Any]:
+               seed: int, token: str) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     assert isinstance(loop, _NamespaceLoop)
     loop.redirect[("127.0.0.1", SERVER_PORT)] = link.ns_addr
@@ -105,7 +107,7 @@ async def soak(args: argparse.Namespace, server: Server, link: BadLink,
     cutter = asyncio.create_task(_cut_at_random(proxy, stop_at, rng))
     clients = [asyncio.create_task(run_client(
         i, proxy.ws_url() if i % 2 else server.url, stop_at, give_up_at, stats, questions,
-        rng.randrange(1 << 30))) for i in range(args.clients)]
+        rng.randrange(1 << 30), token)) for i in range(args.clients)]
     next_progress = start + PROGRESS_EVERY_S
     try:
         pending = set(clients)
@@ -224,19 +226,21 @@ def _run(args: argparse.Namespace, tag: int, seed: int, env: dict[str, str]) -> 
         data_dir = Path(tmp) / "data"
         log("ingesting the demo manuals")
         prepare_data_dir(data_dir, env)
+        token = serverproc.issue_token(data_dir, env, sub="soak")
         with bad_link(tag, args.rate_kbit, args.loss_pct) as link:
             log(f"namespace {link.namespace}: server {link.ns_addr}, here {link.host_addr}, "
                 f"{args.rate_kbit} kbit/s, {args.loss_pct}% loss each way")
             queue_cap = min(100, max(3, args.clients))
             server = Server(link, data_dir, Path(tmp) / "serve.log", env, [
                 "generation.max_tokens=64", f"queue.max_per_user={queue_cap}",
-                f"queue.max_waiting={max(16, args.clients)}", *args.set])
+                f"queue.max_waiting={max(16, args.clients)}", *serverproc.UNLIMITED,
+                *args.set])
             try:
                 server.wait_ready(READY_TIMEOUT_S)
                 log(f"server ready (pid {server.process.pid}); {args.clients} clients for "
                     f"{args.duration:.0f} s")
                 with asyncio.Runner(loop_factory=_NamespaceLoop) as runner:
-                    result = runner.run(soak(args, server, link, seed))
+                    result = runner.run(soak(args, server, link, seed, token))
             finally:
                 code = server.stop()
                 log(f"server stopped (exit status {code})")

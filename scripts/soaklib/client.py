@@ -76,12 +76,13 @@ class _Request:
 
 
 async def run_client(index: int, url: str, stop_at: float, give_up_at: float, stats: Stats,
-                     questions: list[str], seed: int) -> None:
+                     questions: list[str], seed: int, token: str) -> None:
     """Ask questions until stop_at; the one in flight then may go on until give_up_at."""
     rng = random.Random(seed)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S,
                                     connect=CONNECT_TIMEOUT_S)
-    async with aiohttp.ClientSession(timeout=timeout) as http:
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as http:
         for number in range(1, 1_000_000):  # bounded by stop_at in practice
             if time.monotonic() >= stop_at:
                 return

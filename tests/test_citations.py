@@ -1,0 +1,52 @@
+"""Citations a reader can check: [n] names a listed source, also while the answer streams."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgekb.citations import CitationFilter, attribute, cited_numbers
+
+
+def stream(count: int, pieces: list[str]) -> tuple[str, CitationFilter]:
+    citations = CitationFilter(count)
+    out = "".join(citations.feed(p) for p in pieces) + citations.flush()
+    return out, citations
+
+
+def test_valid_citations_pass_and_one_pointing_at_nothing_is_removed() -> None:
+    text, citations = stream(3, ["Close the valve [1]. Then press RESET [7] and wait [2]."])
+    assert text == "Close the valve [1]. Then press RESET  and wait [2]."
+    assert citations.kept == [1, 2] and citations.removed == 1
+
+
+def test_a_citation_split_across_tokens_is_held_back_until_it_closes() -> None:
+    citations = CitationFilter(2)
+    shown = [citations.feed(p) for p in ["Open the drain ", "[", "2", "]", " now."]]
+    # Nothing of the bracket shows before it is known to be valid; then it shows whole.
+    assert shown == ["Open the drain ", "", "", "[2]", " now."]
+
+
+@pytest.mark.parametrize("raw, count, expected", [
+    ("see [1, 3]", 3, "see [1][3]"),
+    ("see [source 2]", 2, "see [2]"),
+    ("see [4, 5]", 3, "see "),
+    ("a list [optional] here", 3, "a list [optional] here"),
+    ("an array index a[", 3, "an array index a["),
+])
+def test_citation_forms(raw: str, count: int, expected: str) -> None:
+    assert stream(count, list(raw))[0] == expected
+
+
+def test_an_unclosed_bracket_is_released_not_swallowed() -> None:
+    text, _ = stream(2, ["value [", "x" * 40, " more"])
+    assert text == "value [" + "x" * 40 + " more"
+
+
+def test_cited_numbers() -> None:
+    assert cited_numbers("a [1] b [2, 3] c [x]") == {1, 2, 3}
+
+
+def test_an_answer_copied_from_one_source_is_attributed_to_it() -> None:
+    sources = ["Close the discharge valve, then hold RESET for 3 s.", "Grease every 500 h."]
+    assert attribute("Close the discharge valve and hold RESET for 3 s.", sources) == 1
+    assert attribute("The weather is nice today in Paris.", sources) is None
