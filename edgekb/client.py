@@ -127,6 +127,7 @@ class Asker:
         self.request_id = "q-" + secrets.token_hex(4)
         self.last_seq = 0
         self.asked = False
+        self.welcomed = False
         self.stopping = False          # Ctrl-C: cancel, then print how it ended
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._cancel_sent_on: aiohttp.ClientWebSocketResponse | None = None
@@ -225,12 +226,13 @@ class Asker:
         welcome = await _receive(ws, deadline)
         if welcome.get("type") != "welcome":
             raise _Closed(f"expected welcome, got {welcome.get('type')}")
-        if self.session is None or welcome["session"] != self.session:
-            if self.session is not None and not self.asked:
+        if not self.welcomed or welcome["session"] != self.session:
+            if self.session not in (None, welcome["session"]) and not self.asked:
                 self.emit({"type": "notice", "event": "new_session", "message":
                            f"no conversation {self.session} of yours here: this is a new one"})
             self.session = welcome["session"]
-            self.emit(welcome)
+            self.welcomed = True
+            self.emit(welcome)  # once, and again only if the server changed the session
         self._ws = ws
         await ws.send_str(encode(self._resume() if self.asked else self._ask()))
         self.asked = True

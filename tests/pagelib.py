@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -49,18 +52,43 @@ async def browser(tmp_path: Path) -> AsyncIterator[Browser]:
         await b.close()
 
 
-async def sign_in(browser: Browser, url: str, token: str) -> None:
-    """What a login leaves in the browser: the HttpOnly token cookie, set here through DevTools
-    (test_login_screen_signs_in_and_out goes through the login screen itself). A cookie is
-    not bound to a port: it holds for the server and a proxy in front of it alike."""
-    await browser.send("Network.setCookie", name="edgekb_token", value=token, url=url,
+@dataclass(frozen=True)
+class Login:
+    """What a page login leaves in a browser: the HttpOnly token cookie and the CSRF token
+    (a readable cookie) that state-changing requests echo."""
+
+    token: str
+    csrf: str
+
+
+def page_login(url: str, name: str, password: str) -> Login:
+    """Sign in through the server's own POST /api/login, as the login screen does."""
+    request = urllib.request.Request(
+        url + "api/login", data=json.dumps({"name": name, "password": password}).encode(),
+        headers={"Content-Type": "application/json", "Origin": url.rstrip("/")})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        body = json.loads(response.read())
+        cookies = SimpleCookie()
+        for header in response.headers.get_all("Set-Cookie") or []:
+            cookies.load(header)
+    return Login(cookies["edgekb_token"].value, body["csrf"])
+
+
+async def sign_in(browser: Browser, url: str, login: Login) -> None:
+    """Put a login's cookies in the browser (set through DevTools; test_web_page.py's
+    test_login_screen_signs_in_and_out goes through the login screen itself). A cookie is not
+    bound to a port: it holds for the server and a proxy in front of it alike."""
+    await browser.send("Network.setCookie", name="edgekb_token", value=login.token, url=url,
                        httpOnly=True, sameSite="Strict")
+    await browser.send("Network.setCookie", name="edgekb_csrf", value=login.csrf, url=url,
+                       sameSite="Strict")
 
 
-async def open_page(browser: Browser, url: str, token: str = "", timeout: float = 30) -> None:
-    """Open the page (signed in with ``token`` when given) and wait for its connection."""
-    if token:
-        await sign_in(browser, url, token)
+async def open_page(browser: Browser, url: str, login: Login | None = None,
+                    timeout: float = 30) -> None:
+    """Open the page (signed in with ``login`` when given) and wait for its connection."""
+    if login is not None:
+        await sign_in(browser, url, login)
     await browser.navigate(url)
     await connected(browser, timeout)
 

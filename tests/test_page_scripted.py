@@ -7,13 +7,14 @@ The same page against the real models and server: tests/test_web_page.py.
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestServer
-from pagelib import ASK, QUESTION, ask, browser, card_when, cards, open_page  # noqa: F401
+from pagelib import ASK, QUESTION, Login, ask, browser, card_when, cards, open_page  # noqa: F401
 from scripted import ScriptedAnswers
 
 from browser import Browser
@@ -23,9 +24,9 @@ from edgekb.tokens import token_authority
 
 
 class App:
-    def __init__(self, server: TestServer, engine: ScriptedAnswers, token: str) -> None:
+    def __init__(self, server: TestServer, engine: ScriptedAnswers, login: Login) -> None:
         self.server, self.engine = server, engine
-        self.token = token  # an admin's, signed with the data dir's key (auth is on)
+        self.login = login  # an admin's, signed with the data dir's key (auth is on)
 
     @property
     def url(self) -> str:
@@ -38,8 +39,10 @@ async def app(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[App]:
                                                 "storage.min_free_mb": 0})
     engine = ScriptedAnswers()
     server = await aiohttp_server(create_app(settings, answers=engine))
-    token, _ = token_authority(settings).issue("tech", "admin", 3600)
-    yield App(server, engine, token)
+    # What a page login of an admin makes (test_web_page.py signs in through /api/login).
+    csrf = secrets.token_urlsafe(18)
+    token, _ = token_authority(settings).issue("tech", "admin", 3600, csrf=csrf)
+    yield App(server, engine, Login(token, csrf))
 
 
 async def test_markdown_renders_safely_and_a_citation_opens_its_passage(app: App,
@@ -50,7 +53,7 @@ async def test_markdown_renders_safely_and_a_citation_opens_its_passage(app: App
                           "**Close** the discharge valve [1], then press `RESET` [2].\n\n",
                           "| Step | Action |\n|---|---|\n| 1 | Close |\n| 2 | Reset |\n\n",
                           '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'])
-    await open_page(browser, app.url, app.token)
+    await open_page(browser, app.url, app.login)
     await ask(browser, question)
     card = await card_when(browser, -1, ("done",))
     assert "<img src=x" in card["answer"], "markup from an answer must show as text"
@@ -82,7 +85,7 @@ async def test_markdown_renders_safely_and_a_citation_opens_its_passage(app: App
 async def test_the_queue_shows_position_estimate_and_time_and_stop_is_per_card(
         app: App, browser: Browser) -> None:
     app.engine.script("first question", hold_after=1)
-    await open_page(browser, app.url, app.token)
+    await open_page(browser, app.url, app.login)
     await ask(browser, "first question")
     await card_when(browser, 0, ("generating",))
     await ask(browser, "second question")
@@ -106,13 +109,13 @@ async def test_the_queue_shows_position_estimate_and_time_and_stop_is_per_card(
 async def test_a_reload_mid_answer_continues_and_a_second_tab_follows_it(
         app: App, browser: Browser) -> None:
     app.engine.script("held question", hold_after=2)
-    await open_page(browser, app.url, app.token)
+    await open_page(browser, app.url, app.login)
     await ask(browser, "held question")
     await browser.wait_for("document.querySelector('#cards [data-testid=answer]')"
                            ".textContent === 'Close the'", timeout=10)
     second = await browser.new_tab()
     try:
-        await open_page(second, app.url, app.token)
+        await open_page(second, app.url, app.login)
         followed = await card_when(second, 0, ("generating", "following"), timeout=10)
         assert followed["question"] == "held question"
         await second.wait_for("document.querySelector('#cards [data-testid=answer]')"
@@ -131,7 +134,7 @@ async def test_a_reload_mid_answer_continues_and_a_second_tab_follows_it(
 
 
 async def test_conversations_new_rename_switch_and_delete(app: App, browser: Browser) -> None:
-    await open_page(browser, app.url, app.token)
+    await open_page(browser, app.url, app.login)
     await ask(browser, "pump question")
     await card_when(browser, 0, ("done",))
     await browser.click("[data-testid=new-conversation]")
@@ -162,7 +165,7 @@ async def test_conversations_new_rename_switch_and_delete(app: App, browser: Bro
 async def test_hints_while_typing_and_see_also_after_the_answer(app: App,
                                                               browser: Browser) -> None:
     app.engine.script("reset the pump", see_also=True)
-    await open_page(browser, app.url, app.token)
+    await open_page(browser, app.url, app.login)
     await browser.type_into(QUESTION, "reset the pump")
     hints = await browser.wait_for(
         "[...document.querySelectorAll('[data-testid=hints] li')].map(l => l.textContent)"

@@ -23,6 +23,7 @@ from pagelib import (  # noqa: F401
     ANSWERED,
     ASK,
     FINAL,
+    Login,
     QUESTION,
     ask,
     browser,
@@ -31,6 +32,7 @@ from pagelib import (  # noqa: F401
     connected,
     launch,
     open_page,
+    page_login,
     rendered,
     screenshot,
     sign_in,
@@ -45,12 +47,26 @@ MAX_TOKENS = 96
 ANSWER_S = 300  # an answer's deadline on a loaded 2-core machine
 
 
+ADMIN, ADMIN_PASSWORD = "page-admin", "torque-and-gauge"
+
+
 @pytest.fixture(scope="module")
 def page_server(demo_data_dir: Path, models_cache: Path) -> Iterator[Server]:
-    srv = start_server(demo_data_dir, edgekb_env(models_cache),
-                       "--set", f"generation.max_tokens={MAX_TOKENS}")
+    env = edgekb_env(models_cache)
+    added = subprocess.run([sys.executable, "-m", "edgekb", "users", "add", ADMIN, "--role",
+                            "admin", "--password-stdin", "--data-dir", str(demo_data_dir)],
+                           input=ADMIN_PASSWORD + "\n", env=env, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert added.returncode == 0, added.stderr
+    srv = start_server(demo_data_dir, env, "--set", f"generation.max_tokens={MAX_TOKENS}")
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(page_server: Server) -> Login:
+    """An admin signed in on the page (through /api/login)."""
+    return page_login(page_server.url, ADMIN, ADMIN_PASSWORD)
 
 
 @pytest.fixture
@@ -90,9 +106,9 @@ async def first_words(tab: Browser, index: int = -1, timeout: float = ANSWER_S) 
 
 
 async def test_on_a_phone_hints_come_while_typing_then_sources_then_streamed_tokens(
-        browser: Browser, page_server: Server) -> None:
+        browser: Browser, page_server: Server, admin: Login) -> None:
     await browser.viewport(390, 844, mobile=True)
-    await open_page(browser, page_server.url, page_server.token)
+    await open_page(browser, page_server.url, admin)
     welcome = await browser.wait_for(
         "(() => { const w = document.querySelector('[data-testid=welcome]');"
         " const ex = [...document.querySelectorAll('[data-testid=examples] button')];"
@@ -152,8 +168,8 @@ async def test_on_a_phone_hints_come_while_typing_then_sources_then_streamed_tok
 
 
 async def test_a_link_cut_mid_answer_completes_without_repetition(
-        browser: Browser, page_server: Server, proxy: FaultProxy) -> None:
-    await open_page(browser, proxied(proxy), page_server.token)
+        browser: Browser, page_server: Server, admin: Login, proxy: FaultProxy) -> None:
+    await open_page(browser, proxied(proxy), admin)
     await ask(browser, "What does the AC-75 compressor do when it overheats?")
     await first_words(browser)
     cuts_mid_answer = 0
@@ -173,8 +189,8 @@ async def test_a_link_cut_mid_answer_completes_without_repetition(
 
 
 async def test_a_reload_mid_answer_continues_and_a_second_tab_follows_it_live(
-        browser: Browser, page_server: Server) -> None:
-    await open_page(browser, page_server.url, page_server.token)
+        browser: Browser, page_server: Server, admin: Login) -> None:
+    await open_page(browser, page_server.url, admin)
     await ask(browser, "How do I replace the mechanical seal of the P-200?")
     await first_words(browser)
     second = await browser.new_tab()
@@ -201,14 +217,14 @@ async def test_a_reload_mid_answer_continues_and_a_second_tab_follows_it_live(
 
 
 async def test_a_page_load_cut_mid_transfer_recovers(tmp_path: Path, page_server: Server,
-                                                     proxy: FaultProxy) -> None:
+                                                     admin: Login, proxy: FaultProxy) -> None:
     async with aiohttp.ClientSession(headers=page_server.headers) as http:
         async with http.get(page_server.url) as response:
             index = len(await response.read()) + 250  # with its headers
     proxy.cut_after(index + 20_000)  # the scripts and style sheet are 70 KB together
     tab = await launch(tmp_path, "fresh")
     try:
-        await sign_in(tab, proxied(proxy), page_server.token)
+        await sign_in(tab, proxied(proxy), admin)
         await tab.navigate(proxied(proxy))
         shown = await tab.wait_for("!document.getElementById('boot-fail').hidden || "
                                    "(window.edgekb && edgekb.ready ? 'started' : false)", 30)
@@ -223,8 +239,8 @@ async def test_a_page_load_cut_mid_transfer_recovers(tmp_path: Path, page_server
 
 
 async def test_a_question_asked_offline_survives_a_reload_and_goes_when_the_link_returns(
-        browser: Browser, page_server: Server, proxy: FaultProxy) -> None:
-    await open_page(browser, proxied(proxy), page_server.token)
+        browser: Browser, page_server: Server, admin: Login, proxy: FaultProxy) -> None:
+    await open_page(browser, proxied(proxy), admin)
     # The service worker keeps the page's shell: a reload without a link still opens it.
     assert await browser.evaluate("navigator.serviceWorker.ready.then(r => !!r.active)")
     proxy.go_down()
@@ -246,10 +262,10 @@ async def test_a_question_asked_offline_survives_a_reload_and_goes_when_the_link
 
 
 async def test_stop_ends_its_own_card_while_the_next_question_waits_its_turn(
-        browser: Browser, page_server: Server) -> None:
+        browser: Browser, page_server: Server, admin: Login) -> None:
     first = "What are the lockout steps?"
     await open_page(browser, page_server.url + "?q=" + first.replace(" ", "%20"),
-                    page_server.token)
+                    admin)
     await card_when(browser, 0, ("queued", "starting", "retrieving", "found", "reading",
                                  "generating", *FINAL), timeout=30)
     await ask(browser, "What does the PC-20 controller error E-204 mean?")
@@ -265,11 +281,11 @@ async def test_stop_ends_its_own_card_while_the_next_question_waits_its_turn(
 
 
 async def test_an_admin_uploads_with_progress_reindexes_and_deletes(
-        browser: Browser, page_server: Server, tmp_path: Path) -> None:
+        browser: Browser, page_server: Server, admin: Login, tmp_path: Path) -> None:
     manual = tmp_path / "zx9-gearbox.md"
     manual.write_text("# ZX-9 Gearbox\n\n## Oil change\n\nChange the ZX-9 gearbox oil every "
                       "900 operating hours with 4.5 L of ISO VG 220 gear oil.\n")
-    await open_page(browser, page_server.url, page_server.token)
+    await open_page(browser, page_server.url, admin)
     await browser.click("[data-testid=docs]")
     status = await browser.wait_for("(() => { const s = document.querySelector("
                                     "'[data-testid=admin-status]').textContent;"
@@ -289,6 +305,9 @@ async def test_an_admin_uploads_with_progress_reindexes_and_deletes(
     reindexed = await browser.wait_for(f"(() => {{ const t = {kb}.innerText;"
                                        " return t.includes('Done') ? t : null; })()", 120)
     assert "updated: zx9-gearbox.md (1 chunk)" in reindexed, reindexed
+    # Settled once its documents are listed again (a reindexed document has a new id).
+    await browser.wait_for("!document.querySelector(\"[aria-label='Reindex uploads']\")"
+                           ".disabled", 30)
     await browser.evaluate("window.confirm = () => true")
     await browser.click("[aria-label='Delete zx9-gearbox.md']")
     await browser.wait_for(f"!{kb}.innerText.includes('uploads')", 30)
@@ -298,10 +317,11 @@ async def test_an_admin_uploads_with_progress_reindexes_and_deletes(
     assert names == ["default"]
 
 
-async def test_stop_then_ask_again_answers(browser: Browser, page_server: Server) -> None:
+async def test_stop_then_ask_again_answers(browser: Browser, page_server: Server,
+                                           admin: Login) -> None:
     """Stop, then ask again: the stopped card stays stopped and the next question is answered
     (its answer not empty: the cancelled one does not poison the conversation)."""
-    await open_page(browser, page_server.url, page_server.token)
+    await open_page(browser, page_server.url, admin)
     await ask(browser, DEMO_QUESTION)
     await first_words(browser)
     await browser.click("#cards > .card:nth-child(1) [data-testid=stop]")

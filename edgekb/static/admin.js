@@ -172,13 +172,15 @@
         reindex.disabled = true;
         log.replaceChildren(el('li', 'muted', 'Reindexing…'));
         await stream('/api/kbs/' + encodeURIComponent(kb.name) + '/reindex', null, log, null);
+        await loadDocs(); // a reindexed document is stored anew, under a new id
         reindex.disabled = false;
       }, 'Reindex ' + kb.name);
       section.append(head, reindex, log);
       const list = el('ul', 'docs');
       section.append(list);
       box.append(section);
-      http.api('GET', '/api/kbs/' + encodeURIComponent(kb.name) + '/documents').then((d) => {
+      const loadDocs = () => http.api('GET', '/api/kbs/' + encodeURIComponent(kb.name) + '/documents').then((d) => {
+        list.replaceChildren();
         for (const doc of d.documents || []) {
           const li = el('li');
           li.append(el('span', 'doc-title', doc.title || doc.name),
@@ -192,7 +194,8 @@
           }, 'Delete ' + doc.name));
           list.append(li);
         }
-      }).catch((e) => list.append(el('li', 'err', e.message)));
+      }).catch((e) => list.replaceChildren(el('li', 'err', e.message)));
+      loadDocs();
     }
   }
 
