@@ -304,11 +304,13 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _server_url(settings: Any) -> str:
-    """The WebSocket of the server these settings describe (a wildcard host: this machine)."""
+    """The WebSocket of the server these settings describe (a wildcard host: this machine;
+    wss:// when they serve TLS)."""
     host = settings.server.host
     host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
     host = f"[{host}]" if ":" in host else host
-    return f"ws://{host}:{settings.server.port}/ws"
+    scheme = "wss" if settings.tls.certificate else "ws"
+    return f"{scheme}://{host}:{settings.server.port}/ws"
 
 
 def cmd_models(args: argparse.Namespace) -> int:
