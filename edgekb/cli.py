@@ -48,7 +48,7 @@ EXAMPLES = {
   edgekb search "E-204" --kb line-3 --mode keyword --json""",
     "ask": """examples:
   edgekb ask "How do I reset the pump after an overpressure trip?"
-  edgekb ask "and the seal?" --session Xb3...   a follow-up in the same conversation
+  edgekb ask "and the seal?" --session=Xb3...   a follow-up in the same conversation
   edgekb ask "E-204?" --kb line-3 --url ws://10.0.0.5:8080/ws
   edgekb ask "..." --config /etc/edgekb/edgekb.yaml   the server named in those settings
 Ctrl-C stops the answer on the appliance too; a second Ctrl-C quits at once.""",

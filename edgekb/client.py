@@ -94,8 +94,9 @@ class AnswerPrinter:
         elif kind == "welcome":
             self.session = message["session"]
         if kind in ("done", "error") and message.get("id") and self.session:
+            # --session=ID: an id may start with "-", which argparse would take for an option.
             self.err.write(f"-- session {self.session} (continue the conversation with "
-                           f"--session {self.session})\n")
+                           f"--session={self.session})\n")
         self.out.flush()
         self.err.flush()
 

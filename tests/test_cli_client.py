@@ -120,8 +120,10 @@ async def test_a_follow_up_continues_the_session_and_kbs_are_checked(app: App) -
     assert out.startswith("[1] P-200 manual, Troubleshooting (pump-manual.md, high match)")
     assert "Close the discharge valve." in out
     session = err.split("-- session ", 1)[1].split()[0]
+    # As the hint says: --session=ID (an id may start with "-").
+    assert f"--session={session})" in err, err
     code, _, err = await edgekb(app, "ask", "second question", "--url", app.ws_url,
-                                "--session", session)
+                                f"--session={session}")
     assert code == 0, err
     assert app.engine.histories["second question"] == ["first question"]
     assert f"-- session {session} " in err
