@@ -36,6 +36,7 @@ from .llm_remote import RemoteLlm
 from .metrics import Metrics
 from .notices import broadcast
 from .openai_api import openai_error_shape, setup_openai
+from .page_api import setup_page_api
 from .retrieval import Searcher
 from .scheduler import FairQueue
 from .security import AUDIT, QUESTION_RATE, security_context
@@ -72,6 +73,7 @@ def create_app(settings: Settings, answers: Answers | None = None) -> web.Applic
     setup_api(app)
     setup_sse(app)
     setup_openai(app)
+    setup_page_api(app)
     add_login_routes(app)
     app.router.add_get("/", _index_page)
     app.router.add_static("/static/", STATIC_DIR)

@@ -1,9 +1,13 @@
-"""Command line: argument parsing and output only; the work is done by the modules it calls."""
+"""edgekb: a knowledge-base question-answering appliance.
+
+Command line: argument parsing and output only; the work is done by the modules it calls.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,31 +30,72 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help=argparse.SUPPRESS)
 
 
+EXAMPLES = {
+    "edgekb": """examples:
+  edgekb ingest --demo                      the bundled demo manuals
+  edgekb serve                              the page at http://127.0.0.1:8080/
+  edgekb ask "How do I reset the pump?"     an answer in the terminal
+  edgekb COMMAND --help                     what each command takes""",
+    "serve": """examples:
+  edgekb serve
+  edgekb serve --host 0.0.0.0 --port 8080 --config /etc/edgekb/edgekb.yaml""",
+    "ingest": """examples:
+  edgekb ingest ~/manuals                    add new files, update changed ones, drop deleted
+  edgekb ingest line3-pump.pdf --kb line-3   into the knowledge base line-3
+  edgekb ingest --demo""",
+    "reindex": """examples:
+  edgekb reindex                             every knowledge base, after changing the embedder
+  edgekb reindex --kb line-3""",
+    "search": """examples:
+  edgekb search "overpressure trip"
+  edgekb search "E-204" --kb line-3 --mode keyword --json""",
+    "ask": """examples:
+  edgekb ask "How do I reset the pump after an overpressure trip?"
+  edgekb ask "and the seal?" --session=Xb3...   a follow-up in the same conversation
+  edgekb ask "E-204?" --kb line-3 --url ws://10.0.0.5:8080/ws
+  edgekb ask "..." --config /etc/edgekb/edgekb.yaml   the server named in those settings
+Ctrl-C stops the answer on the appliance too; a second Ctrl-C quits at once.""",
+    "models": """examples:
+  edgekb models list
+  edgekb models fetch                        the configured LLM and embedder""",
+    "config": """examples:
+  edgekb config check --config edgekb.yaml
+  edgekb config show --set server.port=8081""",
+}
+
+
+def _sub(sub: Any, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+    return sub.add_parser(name, epilog=EXAMPLES.get(name),
+                          formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgekb", description=__doc__)
+    parser = argparse.ArgumentParser(prog="edgekb", description=__doc__.split("\n")[0],
+                                     epilog=EXAMPLES["edgekb"],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"edgekb {__version__}")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR (default: logging.level)")
     parser.add_argument("--log-format", choices=("human", "json"),
                         help="one line per event, for people or as JSON (default: logging.format)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the appliance")
+    serve = _sub(sub, "serve", help="run the appliance")
     _common(serve)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
 
-    ingest = sub.add_parser("ingest", help="add files or folders to the knowledge base")
+    ingest = _sub(sub, "ingest", help="add files or folders to the knowledge base")
     _common(ingest)
     ingest.add_argument("paths", nargs="*", type=Path)
     ingest.add_argument("--demo", action="store_true", help="ingest the bundled demo manuals")
     ingest.add_argument("--kb", default="default", help="knowledge base (default: default)")
 
-    reindex = sub.add_parser("reindex", help="embed every stored chunk again (after changing "
+    reindex = _sub(sub, "reindex", help="embed every stored chunk again (after changing "
                              "the embedder); the server must be stopped")
     _common(reindex)
     reindex.add_argument("--kb", action="append", help="knowledge base(s) (default: all)")
 
-    search = sub.add_parser("search", help="show the chunks retrieval finds, without the LLM")
+    search = _sub(sub, "search", help="show the chunks retrieval finds, without the LLM")
     _common(search)
     search.add_argument("query")
     search.add_argument("--kb", action="append", help="knowledge base(s) to search (default: all)")
@@ -58,14 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--mode", choices=("hybrid", "vector", "keyword"), default="hybrid")
     search.add_argument("--json", action="store_true", help="one JSON object per chunk per line")
 
-    ask = sub.add_parser("ask", help="ask a running server a question")
+    ask = _sub(sub, "ask", help="ask a running server a question")
+    _common(ask)
     ask.add_argument("question")
-    ask.add_argument("--url", default="ws://127.0.0.1:8080/ws")
+    ask.add_argument("--url", help="the server's WebSocket, ws://HOST:PORT/ws (default: from "
+                     "the settings' server.host and server.port)")
+    ask.add_argument("--session", help="continue this conversation (its id is printed after "
+                     "each answer)")
+    ask.add_argument("--kb", action="append", help="knowledge base(s) to search (default: all)")
     ask.add_argument("--json", action="store_true", help="print every event as one JSON line")
     ask.add_argument("--token", help="a token from `edgekb token issue` (default: $EDGEKB_TOKEN)")
     ask.add_argument("--cafile", help="CA or self-signed certificate to trust for wss://")
 
-    models = sub.add_parser("models", help="list or fetch the models of models.toml")
+    models = _sub(sub, "models", help="list or fetch the models of models.toml")
     models_sub = models.add_subparsers(dest="models_command", required=True)
     listing = models_sub.add_parser("list", help="each model and whether it is verified")
     _common(listing)
@@ -74,21 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("names", nargs="*", help="default: the configured LLM and embedder")
     fetch.add_argument("--force", action="store_true", help="fetch again even if verified")
 
-    backup = sub.add_parser("backup", help="write a consistent archive of the data dir (also"
+    backup = _sub(sub, "backup", help="write a consistent archive of the data dir (also"
                             " while the server runs)")
     _common(backup)
     backup.add_argument("file", type=Path, help="the archive to write (.tar, or .tar.gz)")
 
-    restore = sub.add_parser("restore", help="restore an archive into an empty data dir")
+    restore = _sub(sub, "restore", help="restore an archive into an empty data dir")
     _common(restore)
     restore.add_argument("file", type=Path, help="an archive written by edgekb backup")
 
-    doctor = sub.add_parser("doctor", help="check settings, models, database, index, disk,"
+    doctor = _sub(sub, "doctor", help="check settings, models, database, index, disk,"
                             " clock and permissions; say what to fix")
     _common(doctor)
     doctor.add_argument("--json", action="store_true", help="one JSON object per finding")
 
-    config = sub.add_parser("config", help="check or show the effective settings")
+    config = _sub(sub, "config", help="check or show the effective settings")
     config_sub = config.add_subparsers(dest="config_command", required=True)
     _common(config_sub.add_parser("check", help="validate settings, report every problem"))
     _common(config_sub.add_parser("show", help="print the effective settings as YAML"))
@@ -143,6 +193,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from .backup import before_migrating
     from .datadir import exclusive
     from .engines import load_embedder, make_ingestor, open_catalog, open_library
+    from .ingest import expand_paths
+    from .progress import FileProgress
     from .store import Store, check_kb_name
 
     settings = _settings(args)
@@ -160,7 +212,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             library = open_library(settings, embedder)
             ingestor = make_ingestor(settings, store, embedder, library)
             library.get(args.kb).load_or_rebuild(store, ingestor.write)
-            report = ingestor.ingest(paths, args.kb, on_file=_print_file_result)
+            progress = FileProgress(files=sum(1 for _ in expand_paths(paths)))
+            ingestor.on_progress = progress
+            report = ingestor.ingest(paths, args.kb,
+                                     on_file=lambda r: progress.result(_file_result(r)))
         finally:
             store.close()
     print(f"{report.count('added')} added, {report.count('updated')} updated, "
@@ -170,10 +225,10 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if report.count("failed") else 0
 
 
-def _print_file_result(result: Any) -> None:
+def _file_result(result: Any) -> str:
     detail = f"{result.chunks} chunks" if result.status != "failed" else \
         f"[{result.code}] {result.error}"
-    print(f"{result.status:>9}  {result.path}  ({detail})", file=sys.stderr)
+    return f"{result.status:>9}  {result.path}  ({detail})"
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
@@ -189,7 +244,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         store = Store(settings.db_path)
         try:
             ingestor = make_ingestor(settings, store, embedder, open_library(settings, embedder))
-            kbs = [check_kb_name(kb) for kb in args.kb] if args.kb else store.kbs()
+            kbs = _known_kbs(store, [check_kb_name(kb) for kb in args.kb]) if args.kb \
+                else store.kbs()
             if not kbs:
                 print("edgekb reindex: the data dir holds no knowledge base", file=sys.stderr)
                 return 1
@@ -199,6 +255,18 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         finally:
             store.close()
     return 0
+
+
+def _known_kbs(store: Any, kbs: list[str] | None) -> list[str] | None:
+    """``kbs`` when the data dir holds each of them, else a typed not_found."""
+    from .errors import NotFound
+
+    known = store.kbs()
+    for kb in kbs or []:
+        if kb not in known:
+            raise NotFound(f"no knowledge base {kb!r} (the data dir holds "
+                           f"{', '.join(known) or 'none'})")
+    return kbs
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -215,6 +283,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     library = open_library(settings, embedder)
     store = Store(settings.db_path)
     try:
+        _known_kbs(store, kbs)
         # Read-only use of a copy in memory: never rewrites index files a server may own.
         for kb in kbs or store.kbs():
             library.get(kb).load_or_rebuild(store)
@@ -236,15 +305,48 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    from .client import AnswerPrinter, ask, json_printer
+    from .client import AnswerPrinter, Asker, BadUrl, json_printer
+    from .store import check_kb_name
 
+    url = args.url or _server_url(_settings(args))
+    kbs = [check_kb_name(kb) for kb in args.kb] if args.kb else None
     emit = json_printer(sys.stdout) if args.json else AnswerPrinter(sys.stdout, sys.stderr)
     token = security_cli.token_from_env(args.token)
     try:
-        return asyncio.run(ask(args.url, args.question, emit, token=token, cafile=args.cafile))
-    except OSError as exc:  # aiohttp's connection errors are OSErrors
-        print(f"edgekb ask: cannot reach {args.url}: {exc}", file=sys.stderr)
-        return 1
+        asker = Asker(url, args.question, emit, session=args.session, kbs=kbs,
+                      token=token, cafile=args.cafile)
+    except BadUrl as exc:
+        print(f"edgekb ask: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    async def run() -> int:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+
+        def interrupted() -> None:  # the first Ctrl-C stops the answer, the second quits
+            if not asker.interrupt():
+                task.cancel()
+
+        loop.add_signal_handler(signal.SIGINT, interrupted)
+        try:
+            return await asker.run()
+        except asyncio.CancelledError:
+            return 130
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    return asyncio.run(run())
+
+
+def _server_url(settings: Any) -> str:
+    """The WebSocket of the server these settings describe (a wildcard host: this machine;
+    wss:// when they serve TLS)."""
+    host = settings.server.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    host = f"[{host}]" if ":" in host else host
+    scheme = "wss" if settings.tls.certificate else "ws"
+    return f"{scheme}://{host}:{settings.server.port}/ws"
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -11,7 +11,8 @@ written here (through sessions.py), so every transport gets the same guarantees:
 - a request runs as its own task, independent of any connection, and its events are released
   only once stored (runs.py); when nobody has followed it for the grace time it is cancelled
   (one timer per run, cancelled whenever someone follows again);
-- only answered turns (finish stop or length) go into later prompts.
+- only answered turns (finish stop or length) go into later prompts;
+- `typing` lookups (hints.py) run only while no answer is queued or running.
 
 Per request, ``RequestOptions`` lets a transport say what its clients mean: answer without
 retrieval, answer on a conversation the client holds itself (OpenAI's ``messages``), or keep
@@ -25,7 +26,7 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,14 +34,23 @@ from typing import Any
 from . import events, logs, sessions
 from .answer import AnswerEnd, AnswerOptions, Answers
 from .audit import AuditLog
-from .errors import Busy, DiskFull, EdgekbError, Interrupted, ProtocolError, StorageError
+from .errors import (
+    Busy,
+    DiskFull,
+    EdgekbError,
+    Interrupted,
+    NotFound,
+    ProtocolError,
+    StorageError,
+)
+from .hints import Hints, Offer
 from .idle import HeadReader
 from .limits import QuestionRate
 from .metrics import Metrics
-from .protocol import ID_REUSE, UNKNOWN_REQUEST, valid_session_id
+from .protocol import ID_REUSE, INVALID_FIELD, UNKNOWN_REQUEST, valid_session_id
 from .runs import LogWriter, RequestOptions, RequestRun, Send
 from .scheduler import FairQueue, Ticket
-from .sessions import Ending, Turn
+from .sessions import Ending, SessionInfo, Turn
 from .store import AsyncStore
 
 log = logging.getLogger(__name__)
@@ -51,6 +61,9 @@ DISK_CHECK_EVERY_S = 1.0  # free space is read at most this often
 # Sessions handed out but not yet stored (a session row is written with its first question):
 # a second tab may open one before anything was asked. Bounded; the oldest are forgotten.
 MAX_ISSUED_SESSIONS = 4096
+MAX_LISTED_SESSIONS = 200  # a user's conversations listed at most (the newest)
+MAX_TITLE_CHARS = 120
+STOP_WAIT_S = 10.0         # deleting a conversation waits this long for its answers to end
 
 
 @dataclass(frozen=True)
@@ -90,8 +103,11 @@ class Conversations:
         self.closing = False
         self._writer = LogWriter(store, self._ended)
         self._heads = HeadReader(self._answered_turns, answers.prefill, self._llm_idle)
+        self._hints = Hints(lambda text, kbs: answers.lookup(text, replace(options, kbs=kbs)),
+                            self._llm_idle)
         self._free_bytes: tuple[float, int] | None = None  # (checked at, bytes)
         self._issued: OrderedDict[str, str] = OrderedDict()  # session -> user, not yet stored
+        self._deleting: set[str] = set()  # sessions being deleted take no new question
 
     # --- the API ---------------------------------------------------------------------------
 
@@ -145,6 +161,10 @@ class Conversations:
         key = (session_id, request_id)
         if key in self.live:
             raise _id_reuse(request_id)
+        if kbs:
+            await self._check_kbs(kbs)
+        if session_id in self._deleting:
+            raise _no_session(session_id)
         run = RequestRun(session_id, request_id, user, question, kbs, options)
         ticket = self.queue.enqueue(user, lambda p: run.append(
             events.queued(p, self.queue.wait_s(p) if p else None)))
@@ -232,6 +252,73 @@ class Conversations:
         found = await self._state(session_id, request_id) if owner == user else None
         return RequestState(*found) if found else None
 
+    def typing(self, key: Hashable, text: str, kbs: tuple[str, ...] | None,
+               offer: Offer) -> None:
+        """A partial question of connection ``key``: looked up when the LLM rests, the hint
+        handed to ``offer``. Replaces the connection's earlier text if not yet looked up."""
+        if not self.closing:
+            self._hints.typing(key, text, kbs, offer)
+
+    def gone(self, key: Hashable) -> None:
+        """Connection ``key`` closed: its text waiting for a lookup is forgotten."""
+        self._hints.forget(key)
+
+    # --- a user's conversations ------------------------------------------------------------
+
+    async def sessions(self, user: str) -> list[SessionInfo]:
+        """The user's conversations, the most recently active first."""
+        return await self.store.read(lambda db: sessions.user_sessions(
+            db, user, MAX_LISTED_SESSIONS))
+
+    async def session(self, user: str, session_id: str
+                      ) -> tuple[SessionInfo, list[dict[str, Any]]]:
+        """One of the user's conversations and its unfinished requests with their questions
+        (a page that follows them after a reload, or from another device, shows those)."""
+        info = await self._own(user, session_id)
+        running = [{"id": run.id, "seq": run.saved, "question": run.question}
+                   for (sid, _), run in self.live.items()
+                   if sid == session_id and not run.finished]
+        return info, running
+
+    async def rename(self, user: str, session_id: str, title: str | None) -> SessionInfo:
+        """Name the user's conversation; an empty title shows its first question again."""
+        cleaned = " ".join("".join(c for c in title or "" if c.isprintable()).split())
+        if len(cleaned) > MAX_TITLE_CHARS:
+            raise ProtocolError(INVALID_FIELD, f"title: at most {MAX_TITLE_CHARS} characters",
+                                field="title")
+        await self._own(user, session_id)
+        if not await self.store.write(lambda db: sessions.rename_session(
+                db, user, session_id, cleaned or None)):
+            raise _no_session(session_id)
+        return await self._own(user, session_id)
+
+    async def delete(self, user: str, session_id: str) -> None:
+        """Forget the user's conversation: its running answers are stopped first (their
+        followers get their end), then its requests, logs and turns are deleted."""
+        await self._own(user, session_id)
+        self._deleting.add(session_id)
+        try:
+            runs = [run for (sid, _), run in self.live.items() if sid == session_id]
+            for run in runs:
+                self._stop(run)
+            savers = [run.saver for run in runs if run.saver is not None]
+            if savers:
+                await asyncio.wait(savers, timeout=STOP_WAIT_S)
+            if not await self.store.write(lambda db: sessions.delete_session(db, user,
+                                                                             session_id)):
+                raise _no_session(session_id)
+        finally:
+            self._deleting.discard(session_id)
+        self._issued.pop(session_id, None)
+        for run in runs:
+            self.live.pop((run.session_id, run.id), None)
+
+    async def _own(self, user: str, session_id: str) -> SessionInfo:
+        info = await self.store.read(lambda db: sessions.user_session(db, user, session_id))
+        if info is None:
+            raise _no_session(session_id)
+        return info
+
     def running(self, session_id: str) -> list[dict[str, Any]]:
         return [{"id": run.id, "seq": run.saved} for (sid, _), run in self.live.items()
                 if sid == session_id and not run.finished]
@@ -254,6 +341,7 @@ class Conversations:
         resumable after the restart."""
         self.closing = True
         await self._heads.close()
+        await self._hints.close()
         runs = [r for r in self.live.values() if r.task and not r.task.done()]
         for run in runs:
             run.task.cancel()  # type: ignore[union-attr]
@@ -274,6 +362,13 @@ class Conversations:
             raise DiskFull(f"only {free / 2**20:.0f} MB free on the data disk (the floor is "
                            f"{self.min_free_bytes / 2**20:.0f} MB); ask an admin to make room",
                            retry_after=60)
+
+    async def _check_kbs(self, kbs: tuple[str, ...]) -> None:
+        known = set(await self.store.read(lambda db: db.kbs()))
+        missing = [kb for kb in kbs if kb not in known]
+        if missing:
+            raise NotFound(f"no knowledge base {missing[0]!r} (this appliance holds "
+                           f"{', '.join(sorted(known)) or 'none'})", field="kbs")
 
     async def _state(self, session_id: str, request_id: str) -> tuple[str, int, float] | None:
         return await self.store.read(lambda db: sessions.request_state(db, session_id,
@@ -334,6 +429,7 @@ class Conversations:
                 raise asyncio.CancelledError
             async with self.queue.hold(ticket):
                 run.stage = "running"
+                await self._hints.quiet()  # a lookup in flight ends before the LLM starts
                 held = run.options.conversation
                 history = await self._answered_turns(run.session_id) if held is None \
                     else _client_turns(held)
@@ -373,6 +469,7 @@ class Conversations:
             self._heads.answered(run.session_id)
         # Started before the last event is released, so a follow-up finds its head being read.
         self._heads.start_if_idle()
+        self._hints.llm_free()
 
     @staticmethod
     def _interrupted(run: RequestRun) -> dict[str, Any]:
@@ -400,6 +497,10 @@ def _client_turns(pairs: tuple[tuple[str, str], ...]) -> list[Turn]:
 def _id_reuse(request_id: str) -> ProtocolError:
     return ProtocolError(ID_REUSE, f"request id {request_id!r} was already used in this"
                          " session; resume it or use a new id", id=request_id)
+
+
+def _no_session(session_id: str) -> NotFound:
+    return NotFound(f"no conversation {session_id!r} of yours")
 
 
 def _unknown(request_id: str) -> ProtocolError:

@@ -68,15 +68,21 @@ class Embedder:
     def embed(self, text: str) -> np.ndarray:
         return self.embed_batch([text])[0]
 
-    def embed_batch(self, texts: Sequence[str]) -> np.ndarray:
-        """One normalised float32 vector per text, in input order."""
+    def embed_batch(self, texts: Sequence[str],
+                    progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """One normalised float32 vector per text, in input order; ``progress`` is told how
+        many are done after each onnxruntime run."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not texts:
             return out
         encodings = self.tokenizer.encode_batch(list(texts))
         order = sorted(range(len(texts)), key=lambda i: len(encodings[i].ids))
+        done = 0
         for batch in self._batches(order, [len(e.ids) for e in encodings]):
             out[batch] = self._run([encodings[i] for i in batch])
+            done += len(batch)
+            if progress is not None:
+                progress(done)
         return out
 
     def _batches(self, order: list[int], lengths: list[int]) -> list[list[int]]:

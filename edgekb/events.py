@@ -48,11 +48,17 @@ SPEC: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "delta": ({"id": str, "seq": int, "text": str}, {}),
     "done": ({"id": str, "seq": int, "finish": str, "chars": int, "sha256": str,
               "usage": dict, "timings": dict}, {}),
+    "hint": ({"kind": str, "sources": list}, {"id": str, "seq": int, "text": str}),
     "error": ({"code": str, "message": str},
               {"id": str, "seq": int, "retry_after": _NUMBER, "field": str, "text": str,
                "chars": int}),
 }
 REQUEST_EVENTS = frozenset({"queued", "status", "source", "delta", "done", "error"})
+# Bounded like request events: a `see_also` hint is one, a `typing` one answers a connection.
+BOUNDED_EVENTS = REQUEST_EVENTS | {"welcome", "hint"}
+HINT_KINDS = ("typing", "see_also")
+MAX_HINTS = 3
+_HINT_FIELDS = {"doc": 80, "title": 120, "where": 120, "page": 0, "relevance": 0, "kb": 0}
 STAGES = ("retrieving", "reading", "generating")
 
 
@@ -152,6 +158,36 @@ def done(finish: str, text: str, usage: Mapping[str, Any], timings: Mapping[str,
             "sha256": text_digest(text), "usage": dict(usage), "timings": dict(timings)}
 
 
+def hint(kind: str, entries: Sequence[Mapping[str, Any]], text: str | None = None) -> Event:
+    """Passages retrieval found ahead of a question (``typing``: for ``text``, the partial
+    question it answers) or beside an answer (``see_also``: a related section the answer did
+    not use). At most MAX_HINTS, without snippets, fields cut by bytes; passages are dropped
+    from the end while the event would exceed the bound."""
+    sources = []
+    for entry in entries[:MAX_HINTS]:
+        kept: Event = {}
+        for name, limit in _HINT_FIELDS.items():
+            if name in entry:
+                value = entry[name]
+                kept[name] = _cut_to_bytes(value, limit) if limit and isinstance(value, str) \
+                    else value
+        sources.append(kept)
+    body: Event = {"type": "hint", "kind": kind, "sources": sources}
+    if text is not None:
+        body["text"] = _cut_to_bytes(text, 160)
+    while sources and encoded_size(body) > _FIELD_BUDGET:
+        sources.pop()
+    return body
+
+
+def _cut_to_bytes(text: str, limit: int) -> str:
+    """``text`` within ``limit`` UTF-8 bytes (an ellipsis marks a cut)."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[: limit - len("…".encode())].decode("utf-8", errors="ignore") + "…"
+
+
 def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -197,7 +233,7 @@ def problems(frame: str) -> list[str]:
             found.append(f"{kind}: unexpected field {name}")
         elif not _is(value, optional[name]):
             found.append(f"{kind}: {name} has type {type(value).__name__}")
-    if (kind in REQUEST_EVENTS or kind == "welcome") and len(frame.encode()) > MAX_EVENT_BYTES:
+    if kind in BOUNDED_EVENTS and len(frame.encode()) > MAX_EVENT_BYTES:
         found.append(f"{kind}: {len(frame.encode())} bytes, over {MAX_EVENT_BYTES}")
     return found
 

@@ -43,6 +43,11 @@ class FileResult:
     code: str = ""
 
 
+# Told, per file, how many of its chunks are embedded: (path, done, total); (path, 0, None)
+# when a file starts (reading and chunking it can take a while too).
+Progress = Callable[[str, int, "int | None"], None]
+
+
 @dataclass
 class IngestReport:
     results: list[FileResult] = field(default_factory=list)
@@ -89,6 +94,7 @@ class Ingestor:
         self.chunk_tokens = chunk_tokens
         self.overlap_tokens = overlap_tokens
         self.max_file_bytes = max_file_bytes
+        self.on_progress: Progress | None = None
 
     def ingest(self, paths: Iterable[Path], kb: str = DEFAULT_KB,
                on_file: Callable[[FileResult], None] | None = None,
@@ -174,11 +180,15 @@ class Ingestor:
             existing = self.store.document(kb, str(path))
             if existing and existing.sha256 == sha and not force:
                 return FileResult(str(path), "unchanged", existing.chunk_count)
+            report = self.on_progress
+            if report is not None:
+                report(str(path), 0, None)
             document = load_document(path, data)
             chunks = chunk_sections(document.sections, self.embedder.count_tokens,
                                     self.chunk_tokens, self.overlap_tokens)
             vectors = self.embedder.embed_batch(
-                [embedding_text(document.title, c.heading, c.text) for c in chunks])
+                [embedding_text(document.title, c.heading, c.text) for c in chunks],
+                None if report is None else lambda done: report(str(path), done, len(chunks)))
             removed, added = self.write(lambda store: store.replace_document(
                 kb, str(path), document.title, document.format, sha, len(data), chunks,
                 vectors))

@@ -142,6 +142,11 @@ MIGRATIONS: list[str] = [
         updated_at REAL NOT NULL
     );
     """,
+    # 6: conversations get a name their user can change (NULL: the first question is shown).
+    """
+    ALTER TABLE sessions ADD COLUMN title TEXT;
+    CREATE INDEX sessions_user ON sessions(user, updated_at);
+    """,
 ]
 
 

@@ -105,3 +105,68 @@ class ProgressBar:
             text = f"{n / 1e6:.1f}"
             return text if bare else f"{text} MB"
         return str(n) if bare else f"{n} {self._unit}"
+
+
+class FileProgress:
+    """Ingest progress, one file at a time (``Ingestor.on_progress``, and ``result`` for each
+    file's outcome).
+
+    On a terminal one line is redrawn per file: "[2/5] manual.pdf  reading…", then
+    "[2/5] manual.pdf  embedding 120/602 chunks  20%  24 chunks/s", and replaced by the file's
+    result. Elsewhere (CI logs, journald) a file gets a plain line when its chunks start
+    embedding and one with its result, so a long file is never silent.
+    """
+
+    def __init__(self, stream: TextIO | None = None, *, files: int | None = None,
+                 min_interval: float = 0.1, clock: Callable[[], float] = time.monotonic) -> None:
+        self._stream = stream if stream is not None else sys.stderr
+        self._tty = self._stream.isatty()
+        self._files = files
+        self._min_interval = min_interval
+        self._clock = clock
+        self._index = 0
+        self._path = ""
+        self._started = 0.0
+        self._last_draw = 0.0
+        self._announced = False
+        self._drawn = False
+
+    def __call__(self, path: str, done: int, total: int | None) -> None:
+        now = self._clock()
+        if total is None:  # a file starts
+            self._index += 1
+            self._path, self._started, self._announced = path, now, False
+            if self._tty:
+                self._draw(f"{self._label()}  reading…", now)
+            return
+        if not self._tty:
+            if not self._announced:
+                self._announced = True
+                self._stream.write(f"{self._label()}: embedding {total} chunks\n")
+                self._stream.flush()
+            return
+        if done < total and now - self._last_draw < self._min_interval:
+            return
+        elapsed = now - self._started
+        rate = f"  {done / elapsed:.0f} chunks/s" if elapsed > 0 and done else ""
+        self._draw(f"{self._label()}  embedding {done}/{total} chunks  "
+                   f"{100 * done / max(total, 1):3.0f}%{rate}", now)
+
+    def result(self, line: str) -> None:
+        """A file's outcome, on a line of its own (replacing the progress line)."""
+        if self._drawn:
+            self._stream.write("\r\x1b[K")
+            self._drawn = False
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+    def _label(self) -> str:
+        name = self._path.rsplit("/", 1)[-1]
+        return f"[{self._index}/{self._files}] {name}" if self._files else name
+
+    def _draw(self, line: str, now: float) -> None:
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        self._stream.write("\r" + line[:width] + "\x1b[K")
+        self._stream.flush()
+        self._last_draw = now
+        self._drawn = True

@@ -64,12 +64,19 @@ class Hello:
 
 
 @dataclass(frozen=True)
+class Typing:
+    """A partial question (optional for clients): the server may answer with a `hint`."""
+    text: str
+    kbs: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class History:
     before: int | None
     limit: int
 
 
-ClientMessage = Union[Ask, Cancel, Ping, Resume, Hello, History]
+ClientMessage = Union[Ask, Cancel, Ping, Resume, Hello, History, Typing]
 MAX_RESUMES = 32
 MAX_HISTORY = 50
 
@@ -101,11 +108,13 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> ClientMessage:
             raise _invalid(message, "text", "a non-empty string")
         if len(text) > MAX_QUESTION_CHARS:
             raise _invalid(message, "text", f"at most {MAX_QUESTION_CHARS} characters")
-        kbs = message.get("kbs")
-        if kbs is not None and not (isinstance(kbs, list) and 0 < len(kbs) <= 32 and all(
-                isinstance(k, str) and _KB.fullmatch(k) for k in kbs)):
-            raise _invalid(message, "kbs", "a list of knowledge base names")
-        return Ask(_request_id(message), text.strip(), tuple(kbs) if kbs else None)
+        return Ask(_request_id(message), text.strip(), _kbs(message))
+    if kind == "typing":
+        text = message.get("text")
+        if not isinstance(text, str) or len(text) > MAX_QUESTION_CHARS:
+            raise _invalid(message, "text", f"a string of at most {MAX_QUESTION_CHARS} "
+                           "characters")
+        return Typing(text, _kbs(message))
     if kind == "cancel":
         return Cancel(_request_id(message))
     if kind == "ping":
@@ -124,6 +133,14 @@ def parse_client_message(raw: str | bytes, max_bytes: int) -> ClientMessage:
         return History(before, limit)
     raise ProtocolError(UNKNOWN_TYPE, f"unknown message type {kind!r}",
                         **_echo_id(message))
+
+
+def _kbs(message: dict[str, Any]) -> tuple[str, ...] | None:
+    kbs = message.get("kbs")
+    if kbs is not None and not (isinstance(kbs, list) and 0 < len(kbs) <= 32 and all(
+            isinstance(k, str) and _KB.fullmatch(k) for k in kbs)):
+        raise _invalid(message, "kbs", "a list of knowledge base names")
+    return tuple(kbs) if kbs else None
 
 
 def _is_int(value: Any, low: int, high: int = 1 << 53) -> bool:
@@ -177,3 +194,7 @@ def _echo_id(message: dict[str, Any]) -> dict[str, str]:
 
 def valid_session_id(value: str) -> bool:
     return bool(_SESSION.fullmatch(value))
+
+
+def valid_client_id(value: str) -> bool:
+    return bool(_ID.fullmatch(value))

@@ -48,6 +48,26 @@ class Ending:
     finish: str
 
 
+@dataclass(frozen=True)
+class SessionInfo:
+    """One conversation as its list shows it."""
+
+    id: str
+    title: str          # the name its user gave it, else its first question (cut)
+    named: bool         # whether the title is a name the user gave
+    created_at: float
+    updated_at: float
+    turns: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "named": self.named,
+                "created_at": round(self.created_at, 3), "updated_at": round(self.updated_at, 3),
+                "turns": self.turns}
+
+
+TITLE_CHARS = 80  # a first question shown as a title is cut to this
+
+
 class SessionTaken(EdgekbError):
     """A session id of another user; never says more (whether it exists is not theirs)."""
 
@@ -63,6 +83,54 @@ def session_owner(store: Store, session_id: str) -> str | None:
     return row[0] if row else None
 
 
+_SESSION_INFO = """
+    SELECT s.id, s.title, s.created_at, s.updated_at,
+           (SELECT question FROM requests r WHERE r.session_id = s.id
+            ORDER BY r.created_at LIMIT 1),
+           (SELECT count(*) FROM turns t WHERE t.session_id = s.id)
+    FROM sessions s"""
+
+
+def _session_info(row: tuple[Any, ...]) -> SessionInfo:
+    session_id, title, created, updated, first, turns = row
+    if title:
+        return SessionInfo(session_id, title, True, created, updated, turns)
+    first = " ".join((first or "").split())
+    if len(first) > TITLE_CHARS:
+        first = first[: TITLE_CHARS - 1].rstrip() + "…"
+    return SessionInfo(session_id, first, False, created, updated, turns)
+
+
+def user_sessions(store: Store, user: str, limit: int) -> list[SessionInfo]:
+    """The user's conversations, the most recently active first."""
+    rows = store.conn.execute(f"{_SESSION_INFO} WHERE s.user=? ORDER BY s.updated_at DESC,"
+                              " s.rowid DESC LIMIT ?", (user, limit)).fetchall()
+    return [_session_info(row) for row in rows]
+
+
+def user_session(store: Store, user: str, session_id: str) -> SessionInfo | None:
+    row = store.conn.execute(f"{_SESSION_INFO} WHERE s.id=? AND s.user=?",
+                             (session_id, user)).fetchone()
+    return _session_info(row) if row else None
+
+
+def rename_session(store: Store, user: str, session_id: str, title: str | None) -> bool:
+    """Give the user's session a name (None: show its first question again); False when it
+    is not theirs."""
+    cur = store.conn.execute("UPDATE sessions SET title=? WHERE id=? AND user=?",
+                             (title, session_id, user))
+    return cur.rowcount == 1
+
+
+def delete_session(store: Store, user: str, session_id: str) -> bool:
+    """Forget the user's session with its requests, event logs and turns (foreign keys
+    cascade, in one transaction); False when it is not theirs."""
+    with store.transaction():
+        cur = store.conn.execute("DELETE FROM sessions WHERE id=? AND user=?",
+                                 (session_id, user))
+    return cur.rowcount == 1
+
+
 def begin_request(store: Store, session_id: str, user: str, request_id: str,
                   question: str) -> bool:
     """Record a new request (and its session, at its first question); False when the id was
@@ -75,6 +143,8 @@ def begin_request(store: Store, session_id: str, user: str, request_id: str,
                                " VALUES (?,?,?,?)", (session_id, user, now, now))
         elif owner != user:
             raise SessionTaken(f"no session {session_id!r}")
+        else:  # a question is activity: the conversation moves to the top of its list
+            store.conn.execute("UPDATE sessions SET updated_at=? WHERE id=?", (now, session_id))
         cur = store.conn.execute(
             "INSERT OR IGNORE INTO requests (session_id, id, question, state, created_at)"
             " VALUES (?,?,?,?,?)", (session_id, request_id, question, "running", now))

@@ -30,6 +30,7 @@ from .access import ACCESS, CLIENT_ADDRESS, CLOSE_CODE, PRINCIPAL
 from .conversations import Conversations, Opened
 from .errors import EdgekbError
 from .heartbeat import Heartbeat, sweep_step
+from .identity import user_of
 from .protocol import (
     CLOSE_IDLE,
     CLOSE_RATE_LIMITED,
@@ -43,7 +44,9 @@ from .protocol import (
     History,
     Ping,
     Resume,
+    Typing,
     parse_client_message,
+    valid_client_id,
 )
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,11 @@ class Connection:
 
     async def send(self, message: dict[str, Any]) -> None:
         await self.outbox.put(events.encode(message))
+
+    def offer(self, message: dict[str, Any]) -> None:
+        """A frame that may be dropped (a hint): never waits on a full outbox."""
+        with contextlib.suppress(asyncio.QueueFull):
+            self.outbox.put_nowait(events.encode(message))
 
     async def send_frame(self, frame: str) -> None:
         """An event already encoded (a request's events are encoded once, for everyone)."""
@@ -149,6 +157,8 @@ class Connection:
             self._follow(message.id, message.after)
         elif isinstance(message, Hello):
             await self._hello(message)
+        elif isinstance(message, Typing):
+            self.core.typing(self, message.text, message.kbs, self.offer)
         elif isinstance(message, History):
             turns, more = await self.core.history(self.session_id, message.before,
                                                   message.limit)
@@ -271,13 +281,19 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
     logs.connection_id.set(logs.new_connection_id())
     app = request.app
     settings = app[keys.SETTINGS]
-    user = request[PRINCIPAL].sub  # the access middleware admitted this request
+    user = user_of(request)  # the access middleware admitted this request
     opened = await app[keys.CONVERSATIONS].open(user, request.query.get("session"))
     ws = web.WebSocketResponse(
         protocols=(PROTOCOL,), autoping=False, compress=settings.server.compress,
         max_msg_size=max(HARD_FRAME_CAP, settings.server.max_message_bytes))
     await ws.prepare(request)
     conn = Connection(request, ws, user, opened)
+    # `?client=` names the client in the handshake, as `hello` does: a page that reconnects
+    # takes its dead connection over without a second welcome (bytes count on a bad link).
+    client = request.query.get("client")
+    if client and valid_client_id(client):
+        conn.client_id = client
+        _take_over(app, conn)
     # A plain set, not a WeakSet: a closed connection leaves at once (its reference cycles would
     # keep it in a WeakSet until the garbage collector runs, pinged and counted meanwhile).
     app[keys.CONNECTIONS].add(conn)
@@ -288,6 +304,7 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         # The reader ends when the peer closes; the others end the connection through `end`.
         await asyncio.wait([*tasks, conn.ending], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        app[keys.CONVERSATIONS].gone(conn)
         await conn.close_followers()
         for task in tasks:
             task.cancel()

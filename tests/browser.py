@@ -1,7 +1,8 @@
 """A minimal headless Chromium driven over the Chrome DevTools Protocol (aiohttp WebSocket only).
 
 Enough for page tests: launch, navigate, evaluate JS, wait for a JS condition, click like a user,
-type, screenshot. Every wait is bounded; close() always kills the browser's process group.
+type, screenshot, a second tab, a phone-sized viewport, files for a file input. Every wait is
+bounded; close() of the first tab always kills the browser's process group.
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class BrowserError(AssertionError):
 
 class Browser:
     def __init__(self, process: subprocess.Popen[bytes], session: aiohttp.ClientSession,
-                 ws: aiohttp.ClientWebSocketResponse) -> None:
+                 ws: aiohttp.ClientWebSocketResponse, port: int, owner: bool = True) -> None:
         self.process, self.session, self.ws = process, session, ws
+        self.port = port
+        self.owner = owner  # the first tab owns the process; close() of another closes a tab
         self.ids = itertools.count(1)
 
     @classmethod
@@ -56,11 +59,25 @@ class Browser:
             await session.close()
             _kill(process)
             raise
-        browser = cls(process, session, ws)
+        browser = cls(process, session, ws, port)
         await browser.send("Page.enable")
         return browser
 
+    async def new_tab(self, timeout: float = 30) -> Browser:
+        """Another tab of the same browser: same profile, so storage is shared, as a user's
+        second tab shares it."""
+        async with self.session.put(f"http://127.0.0.1:{self.port}/json/new?about:blank",
+                                    timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            target = await resp.json()
+        ws = await self.session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
+        tab = Browser(self.process, self.session, ws, self.port, owner=False)
+        await tab.send("Page.enable")
+        return tab
+
     async def close(self) -> None:
+        if not self.owner:
+            await asyncio.wait_for(self.ws.close(), 5)
+            return
         try:
             await asyncio.wait_for(self.ws.close(), 5)
             await self.session.close()
@@ -108,7 +125,9 @@ class Browser:
     async def click(self, selector: str) -> None:
         """A real mouse click at the element's centre (so a disabled button stays unclicked)."""
         box = await self.evaluate(f"""(() => {{
-            const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();
+            const e = document.querySelector({json.dumps(selector)});
+            e.scrollIntoView({{block: 'center', inline: 'center'}});  // as a user scrolls to it
+            const r = e.getBoundingClientRect();
             return {{x: r.x + r.width / 2, y: r.y + r.height / 2}}; }})()""")
         for kind in ("mousePressed", "mouseReleased"):
             await self.send("Input.dispatchMouseEvent", type=kind, button="left", clickCount=1,
@@ -117,6 +136,17 @@ class Browser:
     async def type_into(self, selector: str, text: str) -> None:
         await self.evaluate(f"document.querySelector({json.dumps(selector)}).focus()")
         await self.send("Input.insertText", text=text)
+
+    async def viewport(self, width: int, height: int, mobile: bool = False) -> None:
+        """Lay the page out as a screen of this size (a phone: mobile=True)."""
+        await self.send("Emulation.setDeviceMetricsOverride", width=width, height=height,
+                        deviceScaleFactor=1, mobile=mobile)
+
+    async def set_files(self, selector: str, paths: list[Path]) -> None:
+        """Choose files in an <input type=file>, as the file picker would."""
+        root = (await self.send("DOM.getDocument"))["root"]["nodeId"]
+        node = (await self.send("DOM.querySelector", nodeId=root, selector=selector))["nodeId"]
+        await self.send("DOM.setFileInputFiles", nodeId=node, files=[str(p) for p in paths])
 
     async def screenshot(self, *paths: Path) -> None:
         data = base64.b64decode((await self.send("Page.captureScreenshot", format="png"))["data"])

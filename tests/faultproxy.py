@@ -1,6 +1,7 @@
 """A fault-injecting TCP proxy for tests: 127.0.0.1:0 -> a loopback server.
 
-It can cut every current connection now or after N more server->client bytes, add latency,
+It can cut every current connection now or after N more server->client bytes, refuse new
+connections (the server looks unreachable, as from a phone out of Wi-Fi range), add latency,
 limit server->client bandwidth, and stall (stop forwarding without closing). Each direction of a
 connection holds at most ``buffer_bytes``: beyond that the proxy stops reading from the source,
 so a stalled or slow proxy pushes back on the sender like a real slow link. While stalled it
@@ -36,6 +37,8 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.link.proxy.refusing and self is self.link.client:
+            transport.abort()  # the link is down: reset at once
 
     def data_received(self, data: bytes) -> None:
         assert self.outgoing is not None
@@ -199,6 +202,7 @@ class FaultProxy:
         self.stalled_up = False    # client -> server
         self.cut_budget: int | None = None
         self.cuts = 0  # how many times connections were cut
+        self.refusing = False  # new connections are reset at once
         self.links: set[Link] = set()
         self.accepted: list[Link] = []  # every link ever made, for tests to inspect
         self._server: asyncio.Server | None = None
@@ -233,6 +237,8 @@ class FaultProxy:
 
     async def _connect(self, link: Link) -> None:
         assert link.client is not None and link.client.outgoing is not None
+        if self.refusing:
+            return  # the client side was reset as it connected
         loop = asyncio.get_running_loop()
         try:
             _, server_side = await asyncio.wait_for(loop.create_connection(
@@ -272,6 +278,14 @@ class FaultProxy:
         if links:
             self.cuts += 1
         return len(links)
+
+    def go_down(self) -> None:
+        """The link is gone: every connection dropped, new ones refused until ``come_back``."""
+        self.refusing = True
+        self.cut()
+
+    def come_back(self) -> None:
+        self.refusing = False
 
     def stall(self, client_to_server: bool = True) -> None:
         """Stop forwarding server->client (and client->server unless told not to); the

@@ -26,6 +26,7 @@ class Script:
     sources: int = 1
     hold_after: int | None = None   # pieces sent before waiting at the engine's gate
     snippet: str = "Close the discharge valve, then press RESET."
+    see_also: bool = False          # a `see_also` hint after the last piece
 
 
 class ScriptedAnswers:
@@ -36,6 +37,11 @@ class ScriptedAnswers:
         self.histories: dict[str, list[str]] = {}  # question -> earlier questions it was given
         self.started: list[str] = []
         self.options: dict[str, AnswerOptions] = {}  # question -> the options it was given
+        self.lookups: list[str] = []            # texts looked up for `typing` hints
+        self.lookup_gate: asyncio.Event | None = None  # when set by a test: lookups wait on it
+        self.generating = 0                     # answers between their first and last piece
+        self.looking = 0                        # lookups in flight
+        self.overlaps = 0                       # times a lookup and a decode ran at once
 
     def script(self, question: str, **fields: Any) -> Script:
         self.scripts[question] = Script(**fields)
@@ -55,6 +61,16 @@ class ScriptedAnswers:
                                  "where": "Troubleshooting", "page": None,
                                  "snippet": script.snippet, "relevance": "high", "score": 0.9})
         yield events.status("generating")
+        self.generating += 1
+        self.overlaps += self.looking > 0
+        try:
+            async for item in self._pieces(script, cancel):
+                yield item
+        finally:
+            self.generating -= 1
+
+    async def _pieces(self, script: Script, cancel: threading.Event
+                      ) -> AsyncIterator[AnswerItem]:
         text = ""
         for index, piece in enumerate(script.pieces):
             if script.hold_after is not None and index == script.hold_after:
@@ -67,7 +83,24 @@ class ScriptedAnswers:
             for event in events.deltas(piece):
                 yield event
             await asyncio.sleep(0)
+        if script.see_also:
+            yield events.hint("see_also", [{"doc": "pump-manual.md", "title": "P-200 manual",
+                                            "where": "Maintenance intervals", "page": None}])
         yield AnswerEnd("stop", text, {"completion_tokens": len(script.pieces)}, {})
+
+    async def lookup(self, text: str, options: AnswerOptions) -> list[dict[str, Any]]:
+        """Retrieval for a hint; it records whether an answer was generating meanwhile."""
+        self.lookups.append(text)
+        self.looking += 1
+        self.overlaps += self.generating > 0
+        try:
+            if self.lookup_gate is not None:
+                await self.lookup_gate.wait()
+        finally:
+            self.looking -= 1
+        return [{"n": 1, "doc": "pump-manual.md", "title": "P-200 manual",
+                 "where": f"Troubleshooting ({text[:20]})", "page": None, "snippet": "…",
+                 "score": 0.9}]
 
     async def prefill(self, history: Sequence[Turn], cache_key: str,
                       cancel: threading.Event) -> int:
