@@ -77,9 +77,9 @@ def sample(data_dir: Path, started: float, answers: int) -> dict[str, Any]:
             "conversations_kb": used // 1024, "turns_kept": turns}
 
 
-async def client(url: str, number: int, until: float, counter: list[int]) -> None:
+async def client(url: str, token: str, number: int, until: float, counter: list[int]) -> None:
     asked = 0
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as http:
         while time.monotonic() < until:
             async with http.ws_connect(url, protocols=("edgekb.v2",)) as ws:
                 await ws.receive_json(timeout=30)  # welcome: a new session
@@ -99,11 +99,13 @@ async def client(url: str, number: int, until: float, counter: list[int]) -> Non
                             break
 
 
-async def soak(args: argparse.Namespace, data_dir: Path, url: str) -> list[dict[str, Any]]:
+async def soak(args: argparse.Namespace, data_dir: Path, url: str, token: str
+               ) -> list[dict[str, Any]]:
     started = time.monotonic()
     until = started + args.duration
     counter = [0]
-    clients = [asyncio.create_task(client(url, n, until, counter)) for n in range(args.clients)]
+    clients = [asyncio.create_task(client(url, token, n, until, counter))
+               for n in range(args.clients)]
     samples = [sample(data_dir, started, 0)]
     while not all(task.done() for task in clients):
         await asyncio.wait(clients, timeout=args.sample_s)
@@ -127,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                     "retention.sessions_days": 0, "retention.turns_days": 0,
                     "retention.request_logs_days": 0}
         sets = [arg for key, value in settings.items() for arg in ("--set", f"{key}={value}")]
+        # Auth is on, as shipped; the per-user question rate would only throttle the load.
+        sets += [arg for item in serverproc.UNLIMITED for arg in ("--set", item)]
+        token = serverproc.issue_token(data_dir, env)
         with log.open("w") as out:
             server = subprocess.Popen(
                 [sys.executable, "-m", "edgekb", "--log-level", "INFO", "serve", "--data-dir",
@@ -138,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"server not ready:\n{log.read_text()[-3000:]}")
                 time.sleep(0.2)
-            samples = asyncio.run(soak(args, data_dir, f"ws://127.0.0.1:{match[2]}/ws"))
+            samples = asyncio.run(soak(args, data_dir, f"ws://127.0.0.1:{match[2]}/ws", token))
         finally:
             serverproc.stop(server)
         sweeps = len(re.findall(r"retention: deleted", log.read_text()))
