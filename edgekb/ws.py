@@ -107,11 +107,19 @@ class Connection:
         timeout = self.settings.server.send_timeout_s
         while True:
             frame = await self.outbox.get()
+            # Not wait_for: before Python 3.12 it swallows a cancellation that arrives as the
+            # send completes, and this loop would then wait on an empty outbox for ever,
+            # holding the connection's close until the peer gives up.
+            sending = asyncio.create_task(self.ws.send_str(frame))
             try:
-                await asyncio.wait_for(self.ws.send_str(frame), timeout)
-            except asyncio.TimeoutError:
+                done, _ = await asyncio.wait([sending], timeout=timeout)
+            finally:
+                sending.cancel()  # a no-op once sent
+            if not done:
                 self.end(CLOSE_TOO_SLOW, b"too slow; resume later")
                 return
+            try:
+                sending.result()
             except ConnectionError:
                 self.end(WSCloseCode.ABNORMAL_CLOSURE, b"")
                 return
@@ -251,6 +259,23 @@ async def _read(conn: Connection) -> None:
             await conn.ws.pong(msg.data)
 
 
+async def _stop(tasks: list[asyncio.Task[None]], session_id: str) -> None:
+    """Cancel a connection's tasks and wait for them, but never long: the close frame must
+    not wait on a task that does not end when cancelled (that would be a bug, logged)."""
+    for task in tasks:
+        task.cancel()
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=CLOSE_WAIT_S)
+    for task in pending:
+        log.error("a task of a connection of session %s ignores its cancellation: %r",
+                  session_id, task)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a task of a connection of session %s failed", session_id,
+                      exc_info=task.exception())
+
+
 async def _close(ws: web.WebSocketResponse, transport: asyncio.Transport | None,
                  code: int, reason: bytes) -> None:
     """Send the close frame and wait for the reply, but never long: a peer that does not
@@ -304,14 +329,11 @@ async def websocket_handler(request: web.Request) -> web.WebSocketResponse:
         # The reader ends when the peer closes; the others end the connection through `end`.
         await asyncio.wait([*tasks, conn.ending], return_when=asyncio.FIRST_COMPLETED)
     finally:
+        # The reader first: a frame it still handled could otherwise start a new follower
+        # (or leave typing text behind).
+        await _stop(tasks, conn.session_id)
         app[keys.CONVERSATIONS].gone(conn)
-        await conn.close_followers()
-        for task in tasks:
-            task.cancel()
-        for outcome in await asyncio.gather(*tasks, return_exceptions=True):
-            if isinstance(outcome, Exception):
-                log.error("a task of a connection of session %s failed", conn.session_id,
-                          exc_info=outcome)
+        await _stop(list(conn.followers.values()), conn.session_id)
         app[keys.CONNECTIONS].discard(conn)
         code, reason = conn.ending.result() if conn.ending.done() else (WSCloseCode.OK, b"")
         request[CLOSE_CODE] = code  # for the audit line of the disconnect

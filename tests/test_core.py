@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from core_helpers import Core, Peer, start_core, text_of, until
 
@@ -311,3 +312,33 @@ async def test_the_disk_floor_refuses_questions_before_writes_fail(aiohttp_clien
     assert refusal["code"] == "disk_full" and "seq" not in refusal
     status = await (await core.client.get("/api/status")).json()
     assert status["storage"]["ok"] is False
+
+
+async def test_a_connection_closed_for_its_rate_gets_its_close_frame_at_once(
+        aiohttp_client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The server ends a hammering client (4029) while its writer is busy sending the refusals
+    and followers of cancelled requests are still attached: the close frame comes at once, not
+    when the client gives up."""
+    core = await start_core(aiohttp_client, tmp_path / "data", **{
+        "limits.questions_per_minute": 20, "storage.min_free_mb": 0})
+    core.engine.script("hammer", hold_after=1)  # answers stay open until cancelled
+    peer = await core.connect()
+    for n in range(24):
+        await peer.send({"type": "ask", "id": f"q{n}", "text": "hammer"})
+    refused: set[str] = set()
+    for _ in range(200):
+        if {f"q{n}" for n in range(20, 24)} <= refused:
+            break
+        frame = await peer.receive()
+        if frame["type"] == "error" and "seq" not in frame:
+            assert frame["code"] in ("busy", "rate_limited"), frame
+            refused.add(frame["id"])
+    for n in range(24):
+        await peer.send({"type": "cancel", "id": f"q{n}"})
+    for n in range(24, 40):
+        await peer.send({"type": "ask", "id": f"q{n}", "text": "hammer"})
+    for _ in range(500):  # the frames still queued for it, then the close
+        msg = await asyncio.wait_for(peer.ws.receive(), 5)
+        if msg.type != aiohttp.WSMsgType.TEXT:
+            break
+    assert msg.type == aiohttp.WSMsgType.CLOSE and peer.ws.close_code == 4029, msg
