@@ -7,10 +7,11 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgekb.boards import llm_name
 from edgekb.config import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,8 +38,11 @@ def edgekb_env() -> dict[str, str]:
 
 
 def bench_settings(data_dir: Path) -> Settings:
-    """edgekb's default settings on ``data_dir``, with the benchmark's model cache."""
-    return load_settings(None, env=edgekb_env(), overrides={"data_dir": data_dir})
+    """edgekb's default settings on ``data_dir``, with the benchmark's model cache, and
+    ``models.llm: auto`` resolved as the server resolves it on this machine (the raw baseline
+    must load the same model)."""
+    settings = load_settings(None, env=edgekb_env(), overrides={"data_dir": data_dir})
+    return replace(settings, models=replace(settings.models, llm=llm_name(settings)))
 
 
 def benchlib_env() -> dict[str, str]:
