@@ -139,7 +139,7 @@ _SET_ASIDE: weakref.WeakKeyDictionary[aiohttp.ClientWebSocketResponse, list[dict
 
 
 async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
-                  timeout: float = 180) -> list[dict[str, Any]]:
+                  timeout: float = 300) -> list[dict[str, Any]]:
     """Events of one request until its done or error (bounded by a deadline). Events of other
     requests on the same socket are set aside for their own collect(), never dropped."""
     aside = _SET_ASIDE.setdefault(ws, [])
