@@ -66,7 +66,8 @@ def test_round_trip_keeps_documents_keys_and_conversations(data_dir: Path, tmp_p
     key.write_bytes(b'{"k": "secret"}')
     key.chmod(0o600)
     conn = sqlite3.connect(data_dir / "edgekb.db")
-    conn.execute("INSERT INTO sessions VALUES ('S1', 'u', 1.0, 2.0)")
+    conn.execute("INSERT INTO sessions (id, user, created_at, updated_at)"
+                 " VALUES ('S1', 'u', 1.0, 2.0)")
     conn.execute("INSERT INTO requests VALUES ('S1', 'r1', 'q?', 'done', 1, 1.0)")
     conn.execute("INSERT INTO turns (session_id, request_id, question, answer, sources, finish,"
                  " created_at) VALUES ('S1', 'r1', 'q?', 'a.', '[]', 'stop', 2.0)")
