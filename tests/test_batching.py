@@ -145,8 +145,10 @@ async def test_reused_prefixes_never_change_a_greedy_answer(engine) -> None:
     """The same prompt, read fresh and after a prompt sharing its head (live KV reuse), and
     after an idle pre-read of its head (a snapshot): the same answer every time."""
     llm, builder = engine
+    # The earlier turn cites the target's manual, so the prompt keeps it (prompt.on_topic).
     history = (Turn(1, "r1", QUESTIONS[0][1], "Close the discharge valve, wait for the "
-                    "pressure to fall, then press RESET. [1]", [], "stop", 0.0),)
+                    "pressure to fall, then press RESET. [1]", [{"doc": QUESTIONS[2][0]}],
+                    "stop", 0.0),)
     target = replace(request(builder, 2), prompt=prompt_of(builder, 2, history),
                      cache_key="session-a")
     fresh_text, fresh = await run(llm, replace(target, cancel=threading.Event(),

@@ -36,7 +36,9 @@ class App:
 @pytest.fixture
 async def app(aiohttp_server: Any, tmp_path: Path) -> AsyncIterator[App]:
     settings = load_settings(env={}, overrides={"data_dir": tmp_path / "data",
-                                                "storage.min_free_mb": 0})
+                                                "storage.min_free_mb": 0,
+                                                # one answer at a time: the queue test
+                                                "generation.slots": 1})
     engine = ScriptedAnswers()
     server = await aiohttp_server(create_app(settings, answers=engine))
     # What a page login of an admin makes (test_web_page.py signs in through /api/login).

@@ -37,7 +37,8 @@ FAST = ("--set", "generation.max_tokens=48", "--set", "server.flush_interval_ms=
         "--set", "retrieval.k=1")
 HEARTBEAT = ("--set", "generation.max_tokens=64", "--set", "server.flush_interval_ms=0",
              "--set", "retrieval.k=1",
-             "--set", "server.heartbeat_s=1", "--set", "server.pong_timeout_s=1")
+             "--set", "server.heartbeat_s=1", "--set", "server.pong_timeout_s=1",
+             "--set", "generation.slots=1")  # a second question waits: the cancel test
 SLOW_DROP = ("--set", "generation.max_tokens=64", "--set", "retrieval.k=1",
              "--set", "server.send_timeout_s=2")
 RESTART = ("--set", "generation.max_tokens=256", "--set", "server.flush_interval_ms=0",

@@ -58,7 +58,9 @@ def page_server(demo_data_dir: Path, models_cache: Path) -> Iterator[Server]:
                            input=ADMIN_PASSWORD + "\n", env=env, capture_output=True, text=True,
                            timeout=60, check=False)
     assert added.returncode == 0, added.stderr
-    srv = start_server(demo_data_dir, env, "--set", f"generation.max_tokens={MAX_TOKENS}")
+    # One answer at a time, so a second question visibly waits its turn (the Stop test).
+    srv = start_server(demo_data_dir, env, "--set", f"generation.max_tokens={MAX_TOKENS}",
+                       "--set", "generation.slots=1")
     yield srv
     srv.stop()
 
