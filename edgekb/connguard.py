@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 BODY_CHECK_S = 1.0
 LISTEN_BACKLOG = 128
+EARLY_BYTES_MAX = 256 * 1024
 
 
 class SlowClient(EdgekbError):
@@ -83,6 +84,10 @@ class GuardedProtocol(asyncio.Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_watch: asyncio.Task[None] | None = None
         self._tls: asyncio.Task[None] | None = None
+        # Bytes asyncio hands us between the end of the TLS handshake and _attach: the
+        # client's first request often shares a segment with its Finished message.
+        self._early: list[bytes] = []
+        self._early_eof = False
 
     # --- asyncio protocol -----------------------------------------------------------------
 
@@ -106,6 +111,8 @@ class GuardedProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.inner is None:
+            if self._tls is not None:
+                self._keep_early(data)
             return
         if not self.in_request and self._header_timer is None:  # a next request begins
             self._header_timer = asyncio.get_running_loop().call_later(
@@ -113,7 +120,10 @@ class GuardedProtocol(asyncio.Protocol):
         self.inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        return self.inner.eof_received() if self.inner is not None else None
+        if self.inner is None:
+            self._early_eof = True
+            return None
+        return self.inner.eof_received()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._release()
@@ -156,6 +166,19 @@ class GuardedProtocol(asyncio.Protocol):
         self.transport = transport
         self.inner = self.make_handler()
         self.inner.connection_made(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+        if self._early_eof and not transport.is_closing():
+            self.inner.eof_received()
+
+    def _keep_early(self, data: bytes) -> None:
+        """Hold what arrives before the handshake's end reaches _attach, bounded: more than a
+        request head's worth before we could even read it is not a client we serve."""
+        self._early.append(data)
+        if sum(map(len, self._early)) > EARLY_BYTES_MAX and self.transport is not None:
+            self._early = []
+            self.transport.abort()
 
     async def _start_tls(self, raw: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()

@@ -76,7 +76,8 @@ class Connection:
         self.client_id: str | None = None
         self.outbox: asyncio.Queue[str] = asyncio.Queue(OUTBOX_FRAMES)
         self.followers: dict[str, asyncio.Task[None]] = {}
-        self.last_message = time.monotonic()
+        # Idle time counts from the client's last frame or the end of the last answer sent.
+        self.last_active = time.monotonic()
         server = self.settings.server
         self.heartbeat = Heartbeat(server.heartbeat_s, server.pong_timeout_s,
                                    request.transport.get_extra_info("socket")
@@ -134,7 +135,7 @@ class Connection:
             heartbeat={"interval_s": server.heartbeat_s, "timeout_s": server.pong_timeout_s}))
 
     async def handle(self, raw: str | bytes) -> None:
-        self.last_message = time.monotonic()
+        self.last_active = time.monotonic()
         # The credential that opened the connection may have expired or been revoked since.
         if self.authority is not None and not self.authority.still_valid(self.principal):
             self.end(CLOSE_UNAUTHORIZED, b"sign in again")
@@ -188,8 +189,12 @@ class Connection:
             self.followers.pop(request_id).cancel()
         task = asyncio.create_task(self._follow_task(request_id, after))
         self.followers[request_id] = task
-        task.add_done_callback(lambda t: self.followers.pop(request_id, None)
-                               if self.followers.get(request_id) is t else None)
+        task.add_done_callback(lambda t: self._followed(request_id, t))
+
+    def _followed(self, request_id: str, task: asyncio.Task[None]) -> None:
+        if self.followers.get(request_id) is task:
+            self.followers.pop(request_id)
+        self.last_active = time.monotonic()
 
     async def _follow_task(self, request_id: str, after: int) -> None:
         try:
@@ -209,7 +214,9 @@ class Connection:
         elif state == "ping" and (self._pinging is None or self._pinging.done()):
             self._pinging = asyncio.create_task(self._ping())
         limit = self.settings.server.idle_timeout_s
-        if limit > 0 and now - self.last_message > limit and not self.followers:
+        # Not while an answer is followed or its last frames still wait in the outbox.
+        if limit > 0 and now - self.last_active > limit and not self.followers \
+                and self.outbox.empty():
             self.end(CLOSE_IDLE, b"idle timeout")
 
     async def _ping(self) -> None:

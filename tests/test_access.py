@@ -6,7 +6,9 @@ login routes and guarded site in front of small handlers, so each refusal is see
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from edgekb.config import Settings, load_settings
 from edgekb.protocol import PROTOCOL
 from edgekb.security import guarded_site, open_audit
 from edgekb.store import AsyncStore, Store
+from edgekb.tls import make_self_signed
 from edgekb.tokens import TokenAuthority, token_authority
 
 PASSWORD = "correct horse battery"
@@ -449,3 +452,50 @@ async def test_a_body_slower_than_the_minimum_rate_is_cut_off(make_stack) -> Non
     assert status_of(response) == 408, response
     assert json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "too_slow"
     assert time.monotonic() - started < 4
+
+
+async def _tls_exchange(port: int, cafile: Path, request: bytes) -> bytes:
+    """One request over TLS, driven through memory buffers so that the request leaves in the
+    same write as the handshake's last flight (the client's Finished), as a quick client's
+    often does; returns the answer's head (bounded in reads and time)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ssl.create_default_context(cafile=str(cafile)).wrap_bio(
+        incoming, outgoing, server_hostname="localhost")
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for _ in range(20):  # a handshake is two or three round trips
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                writer.write(outgoing.read())
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data, "the server closed during the handshake"
+                incoming.write(data)
+        tls.write(request)
+        writer.write(outgoing.read())  # Finished and the request, in one write
+        answer = b""
+        for _ in range(100):
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            if not data:
+                break
+            incoming.write(data)
+            with contextlib.suppress(ssl.SSLWantReadError):
+                while chunk := tls.read(65536):
+                    answer += chunk
+            if b"\r\n\r\n" in answer:
+                break
+        return answer
+    finally:
+        writer.close()
+
+
+async def test_a_request_sent_with_the_tls_handshake_is_answered_at_once(
+        make_stack, tmp_path: Path) -> None:
+    cert, key = make_self_signed(tmp_path / "tls", [])
+    stack = await make_stack(**{"tls.certificate": str(cert), "tls.private_key": str(key)})
+    started = time.monotonic()
+    answer = await _tls_exchange(stack.port, cert, b"GET /healthz HTTP/1.1\r\n"
+                                 b"Host: localhost\r\nConnection: close\r\n\r\n")
+    assert status_of(answer) == 200, answer[:200]
+    assert time.monotonic() - started < 5  # not the header deadline's 408, 30 s later

@@ -13,6 +13,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -342,3 +343,24 @@ async def test_a_connection_closed_for_its_rate_gets_its_close_frame_at_once(
         if msg.type != aiohttp.WSMsgType.TEXT:
             break
     assert msg.type == aiohttp.WSMsgType.CLOSE and peer.ws.close_code == 4029, msg
+
+
+async def test_idle_time_counts_from_the_end_of_the_last_answer(aiohttp_client,
+                                                                tmp_path: Path) -> None:
+    """An answer that takes longer than the idle timeout: all of it arrives, and the
+    connection lives on for the idle time after it ends before closing with 4008."""
+    core = await start_core(aiohttp_client, tmp_path / "data", **{
+        "server.idle_timeout_s": 0.6, "server.heartbeat_s": 30, "server.pong_timeout_s": 0.4,
+        "storage.min_free_mb": 0})  # the sweeper looks every 0.1 s; no pings meanwhile
+    core.engine.default.hold_after = 1
+    peer = await core.connect()
+    await peer.send({"type": "ask", "id": "slow", "text": "held"})
+    await until(lambda: core.engine.started == ["held"])
+    await asyncio.sleep(1.0)  # longer than the idle timeout, with no frame from the client
+    core.engine.gate.set()
+    frames = await peer.until_end("slow")
+    ended = time.monotonic()
+    assert frames[-1]["type"] == "done" and text_of(frames) == "Close the discharge valve."
+    msg = await asyncio.wait_for(peer.ws.receive(), 5)
+    assert msg.type == aiohttp.WSMsgType.CLOSE and peer.ws.close_code == 4008, msg
+    assert time.monotonic() - ended > 0.45, "closed as idle right after a long answer"
