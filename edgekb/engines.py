@@ -77,26 +77,33 @@ def load_llm(settings: Settings, catalog: Catalog) -> tuple[LlmEngine | RemoteLl
     return engine, entry
 
 
-def prompt_builder(settings: Settings, llm: LlmEngine | RemoteLlm,
-                   entry: ModelEntry) -> PromptBuilder:
+ChatTemplate = tuple[Callable[[list[dict[str, str]]], str], list[str]]  # render, its stops
+
+
+def prompt_builder(settings: Settings, llm: LlmEngine | RemoteLlm, entry: ModelEntry,
+                   chat: ChatTemplate | None = None) -> PromptBuilder:
+    """``chat``: the model's chat template when the caller has it from elsewhere (the bench's
+    raw llama-cpp-python side); else it is read from a local model's GGUF metadata."""
     fmt = str(entry.settings.get("prompt_format", "completion"))
     stop = [str(s) for s in entry.settings.get("stop", [])]
     template: Callable[[list[dict[str, str]]], str] | None = None
-    if fmt == "chat" and isinstance(llm, LlmEngine):  # a remote server applies its own
-        template, template_stop = _chat_template(llm)
+    if fmt == "chat" and chat is None and isinstance(llm, LlmEngine):
+        # A remote server applies its own.
+        chat = chat_template(llm.metadata("tokenizer.chat_template"),
+                             llm.model.piece(llm.model.eos, special=True).decode(errors="ignore"),
+                             llm.model.piece(llm.model.bos, special=True).decode(errors="ignore"))
+    if fmt == "chat" and chat is not None:
+        template, template_stop = chat
         stop.extend(template_stop)
     budget = llm.n_ctx - settings.generation.max_tokens - CONTEXT_MARGIN
     sampling = {key: entry.settings[key] for key in SAMPLING_KEYS if key in entry.settings}
     return PromptBuilder(fmt, llm.count_tokens, budget, stop, template, sampling)
 
 
-def _chat_template(llm: LlmEngine) -> tuple[Callable[[list[dict[str, str]]], str], list[str]]:
-    """The chat template stored in the GGUF metadata, rendered as llama.cpp does."""
-    source = llm.metadata("tokenizer.chat_template")
+def chat_template(source: str | None, eos: str, bos: str) -> ChatTemplate:
+    """A GGUF chat template (Jinja), rendered as llama.cpp does, and its end-of-turn stop."""
     if not source:
         raise ValueError("prompt_format 'chat' needs a chat template in the GGUF metadata")
-    eos = llm.model.piece(llm.model.eos, special=True).decode(errors="ignore")
-    bos = llm.model.piece(llm.model.bos, special=True).decode(errors="ignore")
     formatter = Jinja2ChatFormatter(source, eos_token=eos, bos_token=bos)
 
     def render(messages: list[dict[str, str]]) -> str:

@@ -87,7 +87,7 @@ async def run(sheet: Sheet, server: Server, settings: Settings,
               prompts: list[BuiltPrompt]) -> None:
     questions = list(QUESTIONS[:4])
     slots = settings.generation.slots
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=server.headers) as http:
         log("batching: four questions one after another")
         solo = [await _ask_alone(http, server, f"b1-{i}", q) for i, q in enumerate(questions)]
         log("batching: two at once, then four at once")

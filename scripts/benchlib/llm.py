@@ -24,7 +24,8 @@ import llama_cpp
 from edgekb.answer import AnswerEnd, AnswerEngine, AnswerOptions
 from edgekb.catalog import verify
 from edgekb.config import Settings
-from edgekb.engines import load_embedder, open_catalog, prompt_builder
+from edgekb.engines import (ChatTemplate, chat_template, load_embedder, open_catalog,
+                            prompt_builder)
 from edgekb.index import Library
 from edgekb.llm import Finished, GenerationRequest
 from edgekb.retrieval import Searcher
@@ -55,6 +56,8 @@ FOLLOW_UPS = (
      "The belt runs off to one side, how do I adjust the tracking?",
      "Which of these checks can be done while it runs?"),
 )
+SAMPLING = ("top_k", "top_p", "min_p", "repeat_penalty", "presence_penalty",
+            "frequency_penalty")
 INTERLEAVED = "Can a supervisor remove a lock if the owner went home?"
 
 
@@ -65,6 +68,7 @@ class BuiltPrompt:
     tokens: list[int]
     stop: tuple[str, ...]
     retrieval_ms: float
+    sampling: dict[str, float]  # the request's sampling beyond temperature (per model)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,16 @@ class RawLlm:
     def close(self) -> None:
         self.llama.close()
 
+    def chat_template(self) -> ChatTemplate | None:
+        """The GGUF's chat template as the server renders it (None: a completion model)."""
+        if self.entry.settings.get("prompt_format") != "chat":
+            return None
+        def piece(token: int) -> str:
+            return self.llama.detokenize([token], special=True).decode(errors="ignore")
+
+        return chat_template(self.llama.metadata.get("tokenizer.chat_template"),
+                             piece(self.llama.token_eos()), piece(self.llama.token_bos()))
+
     # What edgekb's prompt builder needs of an LLM (engines.prompt_builder).
     def count_tokens(self, text: str) -> int:
         return len(self.llama.tokenize(text.encode(), add_bos=False, special=True))
@@ -126,8 +140,12 @@ class RawLlm:
         text, count = "", 0
         first_at: float | None = None
         started = time.perf_counter()
-        for token in llama.generate(prompt.tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05,
-                                    repeat_penalty=1.0):
+        sampling = prompt.sampling
+        for token in llama.generate(prompt.tokens, temp=0.0, top_k=int(sampling["top_k"]),
+                                    top_p=sampling["top_p"], min_p=sampling["min_p"],
+                                    repeat_penalty=sampling["repeat_penalty"],
+                                    presence_penalty=sampling["presence_penalty"],
+                                    frequency_penalty=sampling["frequency_penalty"]):
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
             count += 1
@@ -171,7 +189,8 @@ async def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, .
     store = AsyncStore(settings.db_path)
     capture = PromptCapture(raw.n_ctx)
     engine = AnswerEngine(store, Searcher(embedder, library),
-                          prompt_builder(settings, raw, raw.entry),  # type: ignore[arg-type]
+                          prompt_builder(settings, raw, raw.entry,  # type: ignore[arg-type]
+                                         raw.chat_template()),
                           capture)  # type: ignore[arg-type]
     options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
                             temperature=settings.generation.temperature)
@@ -190,8 +209,9 @@ async def build_prompts(settings: Settings, raw: RawLlm, questions: tuple[str, .
             times = [await retrieval_ms(question) for _ in range(3)]
             request = capture.last
             assert request is not None
+            sampling = {key: getattr(request, key) for key in SAMPLING}
             prompts.append(BuiltPrompt(question, request.prompt, raw.prompt_tokens(request.prompt),
-                                       request.stop, median(times)))
+                                       request.stop, median(times), sampling))
         return prompts
     finally:
         engine.close()

@@ -90,7 +90,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
     try:
         sheet.put("rss_startup_mb_1gb", server.rss_ready_kb / 1024,
                   f"server VmRSS at its ready line with {PROFILE.name}; 1 run", 1)
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=server.headers) as http:
             await _answer_some(server.ws_url, http, server)
         sheet.put("rss_peak_answer_mb_1gb", server.hwm_kb() / 1024,
                   f"server VmHWM with {PROFILE.name} after 3 answers of one conversation and "
