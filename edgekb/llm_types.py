@@ -35,6 +35,11 @@ class Finished:
 LlmEvent = Reading | Piece | Finished
 
 
+# A paragraph break ends a spoken answer, except right after a colon: "follow these steps:"
+# announces the list that comes next.
+PARAGRAPH_BREAK = "\n\n"
+
+
 class StopScanner:
     """Finds stop strings in streamed text, holding back what might be the start of one."""
 
@@ -48,6 +53,8 @@ class StopScanner:
         self.text += piece
         for stop in self.stops:
             at = self.text.find(stop, max(0, self.emitted - len(stop)))
+            while at != -1 and stop == PARAGRAPH_BREAK and self.text[:at].rstrip().endswith(":"):
+                at = self.text.find(stop, at + 1)
             if at != -1:
                 out = self.text[self.emitted : at]
                 self.emitted = at

@@ -39,7 +39,7 @@ async def run(sheet: Sheet, demo: Path, work: Path, settings: Any, prompt: Built
         server = start_server(demo, work / f"serve-threads{threads}.log", *deterministic,
                               f"generation.threads={threads}")
         try:
-            async with connections.client_session() as http:
+            async with connections.client_session(server.headers) as http:
                 ws, _ = await connect(http, server.ws_url)
                 await ask(ws, "warm", prompt.question)  # the first answer allocates buffers
                 await ws.close()
