@@ -36,8 +36,9 @@ LlmEvent = Reading | Piece | Finished
 
 
 # A paragraph break ends a spoken answer, except right after a colon: "follow these steps:"
-# announces the list that comes next.
+# (or "以下步骤：") announces the list that comes next.
 PARAGRAPH_BREAK = "\n\n"
+LIST_INTRO = (":", "：")
 
 
 class StopScanner:
@@ -53,7 +54,8 @@ class StopScanner:
         self.text += piece
         for stop in self.stops:
             at = self.text.find(stop, max(0, self.emitted - len(stop)))
-            while at != -1 and stop == PARAGRAPH_BREAK and self.text[:at].rstrip().endswith(":"):
+            while at != -1 and stop == PARAGRAPH_BREAK and \
+                    self.text[:at].rstrip().endswith(LIST_INTRO):
                 at = self.text.find(stop, at + 1)
             if at != -1:
                 out = self.text[self.emitted : at]

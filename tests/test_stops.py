@@ -37,6 +37,11 @@ def test_an_announced_list_is_not_cut_at_its_introduction() -> None:
         assert text == answer.split("\n\nLet me")[0], text
 
 
+def test_a_chinese_list_introduction_goes_on_too() -> None:
+    text, stopped = stream("可以通过以下步骤实现：\n\n1. 打开配置文件 [1]。\n\n谢谢。", 2)
+    assert stopped and text == "可以通过以下步骤实现：\n\n1. 打开配置文件 [1]。"
+
+
 def test_a_copied_source_block_still_stops_the_answer() -> None:
     text, stopped = stream("The steps are:\n[2] Pump manual (Troubleshooting)\nClose", 1)
     assert stopped and text == "The steps are:"

@@ -24,8 +24,7 @@ import llama_cpp
 from edgekb.answer import AnswerEnd, AnswerEngine, AnswerOptions
 from edgekb.catalog import verify
 from edgekb.config import Settings
-from edgekb.engines import (ChatTemplate, chat_template, load_embedder, open_catalog,
-                            prompt_builder)
+from edgekb.engines import ChatTemplate, chat_template, load_embedder, open_catalog, prompt_builder
 from edgekb.index import Library
 from edgekb.llm import Finished, GenerationRequest
 from edgekb.retrieval import Searcher
