@@ -6,6 +6,7 @@ Shared by the local engine (llm.py and its worker, decoder.py) and the remote cl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 
@@ -35,10 +36,23 @@ class Finished:
 LlmEvent = Reading | Piece | Finished
 
 
-# A paragraph break ends a spoken answer, except right after a colon: "follow these steps:"
-# (or "以下步骤：") announces the list that comes next.
+# A paragraph break ends a spoken answer, but not a list's: not right after a colon ("follow
+# these steps:", "以下步骤："), nor when a list item or a code block comes next. Deciding the
+# latter waits for the next few characters.
 PARAGRAPH_BREAK = "\n\n"
 LIST_INTRO = (":", "：")
+_GOES_ON = re.compile(r"\s*(\d{1,2}[.)]\s|[-*•]\s|```)")
+_UNDECIDED = re.compile(r"\s*(\d{1,2}[.)]?|[-*•]|`{1,2})?")
+
+
+def _paragraph_break(text: str, at: int) -> str:
+    """What the paragraph break at ``at`` does: "stop" the answer, "go" on, or "wait"."""
+    if text[:at].rstrip().endswith(LIST_INTRO):
+        return "go"
+    after = text[at + len(PARAGRAPH_BREAK) :]
+    if _GOES_ON.match(after):
+        return "go"
+    return "wait" if _UNDECIDED.fullmatch(after) else "stop"
 
 
 class StopScanner:
@@ -52,10 +66,16 @@ class StopScanner:
     def feed(self, piece: str) -> tuple[str, bool]:
         """Returns (text safe to emit now, whether a stop string was reached)."""
         self.text += piece
+        waiting = len(self.text)  # held back: a paragraph break not decided yet
         for stop in self.stops:
             at = self.text.find(stop, max(0, self.emitted - len(stop)))
-            while at != -1 and stop == PARAGRAPH_BREAK and \
-                    self.text[:at].rstrip().endswith(LIST_INTRO):
+            while at != -1 and stop == PARAGRAPH_BREAK:
+                verdict = _paragraph_break(self.text, at)
+                if verdict == "stop":
+                    break
+                if verdict == "wait":
+                    waiting, at = min(waiting, at), -1
+                    break
                 at = self.text.find(stop, at + 1)
             if at != -1:
                 out = self.text[self.emitted : at]
@@ -63,7 +83,7 @@ class StopScanner:
                 return out, True
         hold = max((k for s in self.stops for k in range(1, len(s))
                     if self.text.endswith(s[:k])), default=0)
-        end = max(self.emitted, len(self.text) - hold)
+        end = max(self.emitted, min(len(self.text) - hold, waiting))
         out = self.text[self.emitted : end]
         self.emitted = end
         return out, False

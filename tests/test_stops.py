@@ -37,6 +37,15 @@ def test_an_announced_list_is_not_cut_at_its_introduction() -> None:
         assert text == answer.split("\n\nLet me")[0], text
 
 
+def test_list_items_and_code_blocks_after_blank_lines_go_on() -> None:
+    answer = ("Here is how:\n\n1. Open the configuration file [1].\n\n2. Add ssl.pemfile "
+              "[1]:\n\n```\nssl.engine = \"enable\"\n```\n\n- Restart lighttpd [2].\n\n"
+              "I hope this helps!")
+    for size in (1, 2, 3, 100):
+        text, stopped = stream(answer, size)
+        assert stopped and text == answer.split("\n\nI hope")[0], (size, text)
+
+
 def test_a_chinese_list_introduction_goes_on_too() -> None:
     text, stopped = stream("可以通过以下步骤实现：\n\n1. 打开配置文件 [1]。\n\n谢谢。", 2)
     assert stopped and text == "可以通过以下步骤实现：\n\n1. 打开配置文件 [1]。"
