@@ -26,7 +26,7 @@ from edgekb.catalog import verify
 from edgekb.config import Settings
 from edgekb.engines import ChatTemplate, chat_template, load_embedder, open_catalog, prompt_builder
 from edgekb.index import Library
-from edgekb.llm import Finished, GenerationRequest
+from edgekb.llm import Finished, GenerationRequest, StopScanner
 from edgekb.retrieval import Searcher
 from edgekb.store import AsyncStore, Store
 
@@ -136,6 +136,7 @@ class RawLlm:
             llama.eval(prompt.tokens[:cached])  # what the server had cached: not timed
         vocab = llama._model.vocab
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        scanner = StopScanner(prompt.stop)  # the server's stop rules (lists go on)
         text, count = "", 0
         first_at: float | None = None
         started = time.perf_counter()
@@ -148,15 +149,13 @@ class RawLlm:
             if llama_cpp.llama_vocab_is_eog(vocab, token):
                 break
             count += 1
-            text += decoder.decode(llama.detokenize([token], special=False))
+            out, stopped = scanner.feed(decoder.decode(llama.detokenize([token], special=False)))
+            text += out
             if first_at is None and text.strip():
                 first_at = time.perf_counter()
-            if any(stop in text for stop in prompt.stop) or count >= self.max_tokens:
+            if stopped or count >= self.max_tokens:
                 break
         ended = time.perf_counter()
-        for stop in prompt.stop:
-            if stop in text:
-                text = text[: text.index(stop)]
         if first_at is None:
             first_at = ended
         return RawRun((first_at - started) * 1000, count, ended - first_at, text)
