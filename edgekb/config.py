@@ -105,7 +105,7 @@ class EmbeddingSettings:
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    max_tokens: int = 160
+    max_tokens: int = 256
     temperature: float = 0.0
     seed: int = 0
     threads: int = 0
