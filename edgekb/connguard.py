@@ -87,6 +87,7 @@ class GuardedProtocol(asyncio.Protocol):
         # Bytes asyncio hands us between the end of the TLS handshake and _attach: the
         # client's first request often shares a segment with its Finished message.
         self._early: list[bytes] = []
+        self._early_bytes = 0
         self._early_eof = False
 
     # --- asyncio protocol -----------------------------------------------------------------
@@ -176,7 +177,8 @@ class GuardedProtocol(asyncio.Protocol):
         """Hold what arrives before the handshake's end reaches _attach, bounded: more than a
         request head's worth before we could even read it is not a client we serve."""
         self._early.append(data)
-        if sum(map(len, self._early)) > EARLY_BYTES_MAX and self.transport is not None:
+        self._early_bytes += len(data)
+        if self._early_bytes > EARLY_BYTES_MAX and self.transport is not None:
             self._early = []
             self.transport.abort()
 

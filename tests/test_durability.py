@@ -21,15 +21,18 @@ TOPICS = ["hydraulic pump", "air compressor", "belt conveyor", "boiler", "forkli
           "robot arm", "chiller", "press brake", "cooling tower", "gearbox"]
 
 
-def make_corpus(folder: Path, count: int) -> None:
-    folder.mkdir()
+def make_corpus(folder: Path, count: int, edition: int = 0) -> None:
+    """``count`` manuals; another ``edition`` changes every file (so an ingest has them all
+    to do again, however fast the machine)."""
+    folder.mkdir(exist_ok=True)
     for i in range(count):
         topic = TOPICS[i % len(TOPICS)]
         sections = "\n\n".join(
             f"## Step {s}\n\nCheck the {topic} unit {i} part {s}: measure the pressure, "
             f"torque the bolts to {20 + s} Nm and record error code E-{100 + i}-{s}. " * 3
-            for s in range(8))
-        (folder / f"manual-{i:02d}.md").write_text(f"# {topic.title()} manual {i}\n\n{sections}")
+            for s in range(24))
+        (folder / f"manual-{i:02d}.md").write_text(
+            f"# {topic.title()} manual {i}, edition {edition}\n\n{sections}")
 
 
 def check_consistent(data_dir: Path, models_cache: Path) -> tuple[int, str]:
@@ -62,16 +65,16 @@ def check_consistent(data_dir: Path, models_cache: Path) -> tuple[int, str]:
 def test_kill_9_during_ingest_never_leaves_a_half_document(tmp_path: Path,
                                                            models_cache: Path) -> None:
     corpus = tmp_path / "corpus"
-    make_corpus(corpus, 24)
     data_dir = tmp_path / "data"
     env = edgekb_env(models_cache)
     rng = random.Random(7)
     outcomes = set()
     deadline = time.monotonic() + 240
     kills = 0
-    for _ in range(12):
+    for round_ in range(12):
         if time.monotonic() > deadline:
             break
+        make_corpus(corpus, 24, edition=round_)  # every round has the whole corpus to ingest
         process = subprocess.Popen(
             [sys.executable, "-m", "edgekb", "ingest", str(corpus), "--data-dir", str(data_dir)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -104,6 +104,7 @@ class RawLlm:
         """The GGUF's chat template as the server renders it (None: a completion model)."""
         if self.entry.settings.get("prompt_format") != "chat":
             return None
+
         def piece(token: int) -> str:
             return self.llama.detokenize([token], special=True).decode(errors="ignore")
 
