@@ -1,7 +1,8 @@
 """Idle-time work for the LLM: pre-reading the next prompt head of sessions just answered.
 
-After an answer, the session's next prompt will start with the same instruction and turns; the
-LLM reads that head while nobody waits, so a follow-up reads only its sources and question.
+After an answer, the session's next prompt will likely start with the same instruction, the same
+sources (carryover.py) and the turns, answer included; the LLM reads that head while nobody
+waits, so a follow-up reads little more than its question.
 Any other session's question interrupts this at once (it resumes at the next idle moment); the
 same session's question does not, because the head is the start of its own prompt.
 """

@@ -4,8 +4,11 @@ Two formats, chosen per model in models.toml: ``completion`` for base models suc
 Gemma 270M (a probe showed a completion-style prompt ending in "Answer:" keeps them grounded) and
 ``chat`` for instruct models, rendered with the chat template from the GGUF metadata.
 
-Order: instruction, earlier turns, sources, question. What stays between follow-ups comes first,
-so the LLM's KV cache can reuse it. Everything is counted in the model's own tokens and fitted by
+Order: instruction, sources, earlier turns, question, as if the sources had been handed over
+with the conversation's first question. What stays between follow-ups comes first, so the
+LLM's KV cache can reuse it: a follow-up whose sources start as the earlier answer's did
+(carryover.py) finds the whole earlier prompt cached, its answer included when the idle
+pre-read got to it (``head``). Everything is counted in the model's own tokens and fitted by
 priority: the question always, then sources (dropped from the lowest-ranked up, the last one
 kept cut), then the newest turns that fit in half the budget and in what the sources left.
 Only turns on the same topic come along: a turn whose sources share no document with this
@@ -38,6 +41,8 @@ TRANSLATE_INSTRUCTION = (
 # A question with at most this many content words may lean on the turn before it.
 FOLLOW_UP_TERMS = 3
 SOURCES_HEADER = "Sources:\n"
+QUESTION_LABEL = "Question: "
+HEAD_MARK = "\x00next question\x00"  # where head() cuts a rendered prompt
 CHARS_PER_TOKEN = 4  # only to pick a first cut; the result is always re-counted
 
 ChatTemplate = Callable[[list[dict[str, str]]], str]
@@ -60,12 +65,17 @@ def cite_where(hit: ChunkHit) -> str:
     return ", ".join(parts)
 
 
+def is_short_follow_up(question: str) -> bool:
+    """Too few words to stand alone ("and after that?"): it leans on the turn before."""
+    return len(re.findall(r"\w{3,}", question)) <= FOLLOW_UP_TERMS
+
+
 def on_topic(question: str, turns: Sequence[Turn], hits: Sequence[ChunkHit]) -> list[Turn]:
     """The turns whose sources share a document with this question's sources; a short
     follow-up keeps at least the newest turn, whatever it cited."""
     docs = {PurePath(h.doc_path).name for h in hits}
     kept = [t for t in turns if docs & {str(s.get("doc", "")) for s in t.sources}]
-    short = len(re.findall(r"\w{3,}", question)) <= FOLLOW_UP_TERMS
+    short = is_short_follow_up(question)
     if short and turns and (not kept or kept[-1] is not turns[-1]):
         kept.append(turns[-1])
     return kept
@@ -92,10 +102,7 @@ class PromptBuilder:
         """``grounded`` False: the model alone, without the instruction or any sources."""
         if not grounded:
             return self._direct(question, history)
-        blocks = self._fit_sources(question, [_source_block(i + 1, h) for i, h in enumerate(hits)])
-        turns = on_topic(question, self.history_turns(history), hits[: len(blocks)])
-        while turns and self.count_tokens(self._render(question, blocks, turns)) > self.budget:
-            turns = turns[1:]  # sources rank above the oldest turns
+        blocks, turns = self._fit(question, hits, history)
         return Prompt(self._render(question, blocks, turns), len(blocks), len(turns), self.stop,
                       self.sampling)
 
@@ -134,11 +141,27 @@ class PromptBuilder:
             turns.insert(0, turn)
         return turns
 
-    def head(self, history: Sequence[Turn]) -> str:
-        """What the next prompt of this conversation starts with: everything before its
-        sources. Reading it while the LLM is idle makes a follow-up's first token come sooner."""
-        text = self._render("?", [], self.history_turns(history))
-        return text[: text.rindex(SOURCES_HEADER)]
+    def head(self, history: Sequence[Turn], hits: Sequence[ChunkHit] = ()) -> str:
+        """What the next prompt of this conversation starts with when its sources start with
+        ``hits`` (the last answer's, see carryover.py): with them, everything before the new
+        question; without, everything before the sources. Reading it while the LLM is idle
+        makes a follow-up's first token come sooner."""
+        if not hits:
+            text = self._render("?", [], [])
+            return text[: text.rindex(SOURCES_HEADER)]
+        # Fitted as build() will fit them, for a question as long as the last one.
+        blocks, turns = self._fit(history[-1].question if history else "?", hits, history)
+        text = self._render(HEAD_MARK, blocks, turns)
+        return text[: text.rindex(f"{QUESTION_LABEL}{HEAD_MARK}")]
+
+    def _fit(self, question: str, hits: Sequence[ChunkHit], history: Sequence[Turn]
+             ) -> tuple[list[str], list[Turn]]:
+        """The source blocks and the turns that fit in the budget, by priority."""
+        blocks = self._fit_sources(question, [_source_block(i + 1, h) for i, h in enumerate(hits)])
+        turns = on_topic(question, self.history_turns(history), hits[: len(blocks)])
+        while turns and self.count_tokens(self._render(question, blocks, turns)) > self.budget:
+            turns = turns[1:]  # sources rank above the oldest turns
+        return blocks, turns
 
     def _fit_sources(self, question: str, blocks: list[str]) -> list[str]:
         while blocks:
@@ -154,18 +177,22 @@ class PromptBuilder:
         return blocks
 
     def _render_turns(self, turns: Sequence[Turn]) -> str:
-        return "".join(f"Question: {t.question}\nAnswer: {t.answer.strip()}\n\n" for t in turns)
+        return "".join(f"{QUESTION_LABEL}{t.question}\nAnswer: {t.answer.strip()}\n\n"
+                       for t in turns)
 
     def _render(self, question: str, blocks: list[str], turns: Sequence[Turn]) -> str:
+        """Sources before the first question: a follow-up's prompt then starts as the prompt
+        before it did, answer included."""
         sources = SOURCES_HEADER + ("\n\n".join(blocks) if blocks else "(no sources found)")
         if self.fmt == "chat" and self.chat_template is not None:
             messages = [{"role": "system", "content": INSTRUCTION}]
-            for turn in turns:
-                messages += [{"role": "user", "content": turn.question},
-                             {"role": "assistant", "content": turn.answer}]
-            messages.append({"role": "user", "content": f"{sources}\n\nQuestion: {question}"})
+            asked = [*((t.question, t.answer) for t in turns), (question, None)]
+            for number, (asked_question, answer) in enumerate(asked):
+                lead = f"{sources}\n\n" if number == 0 else ""
+                messages.append({"role": "user",
+                                 "content": f"{lead}{QUESTION_LABEL}{asked_question}"})
+                if answer is not None:
+                    messages.append({"role": "assistant", "content": answer})
             return self.chat_template(messages)
-        earlier = self._render_turns(turns)
-        if earlier:
-            earlier = f"Earlier in this conversation:\n{earlier}"
-        return f"{INSTRUCTION}\n\n{earlier}{sources}\n\nQuestion: {question}\nAnswer:"
+        return (f"{INSTRUCTION}\n\n{sources}\n\n{self._render_turns(turns)}"
+                f"{QUESTION_LABEL}{question}\nAnswer:")

@@ -174,6 +174,11 @@ async def test_follow_up_uses_earlier_turns_and_reuses_the_cached_prefix(
     # not read again: it was pre-read while the LLM was idle.
     assert usage["cached_prompt_tokens"] >= (control[-1]["usage"]["cached_prompt_tokens"]
                                              + first[-1]["usage"]["completion_tokens"])
+    # The follow-up kept the first answer's sources in front, so nothing of the first prompt
+    # was read again either.
+    assert usage["cached_prompt_tokens"] >= first[-1]["usage"]["prompt_tokens"]
+    first_docs = [e["doc"] for e in first if e["type"] == "source"]
+    assert [e["doc"] for e in follow if e["type"] == "source"][: len(first_docs)] == first_docs
 
 
 async def test_same_question_same_answer_in_deterministic_mode(short_server: Server) -> None:

@@ -61,8 +61,9 @@ def test_short_prompt_keeps_everything_in_order(engine) -> None:
     assert prompt.sources_used == 2 and prompt.turns_used == 2
     text = prompt.text
     # What stays between follow-ups comes first, so the KV cache can reuse it.
-    assert text.index("question number 1?") < text.index("question number 2?") \
-        < text.index("[1] Manual 1") < text.index("Where is the reset button?")
+    assert text.index("[1] Manual 1") < text.index("[2] Manual 2") \
+        < text.index("question number 1?") < text.index("question number 2?") \
+        < text.index("Where is the reset button?")
     if entry.settings.get("prompt_format") == "chat":
         assert "<|im_start|>" in text and text.rstrip().endswith("assistant")
     else:
@@ -76,3 +77,23 @@ def test_turns_about_another_manual_stay_out(engine) -> None:
                            [turn(1, 10, doc="chiller.md"), turn(2, 10)])
     assert prompt.turns_used == 1
     assert "question number 2?" in prompt.text and "question number 1?" not in prompt.text
+
+
+def test_a_follow_up_with_the_same_sources_starts_as_the_prompt_before_it(engine) -> None:
+    """The earlier prompt and its answer are the follow-up's first tokens (the KV cache holds
+    them), and the idle pre-read head is the follow-up's prompt up to its question."""
+    _, builder, _ = engine
+    sources = [hit(1, 60), hit(2, 60)]
+    first = builder.build("How do I torque the flange bolts?", sources)
+    answer = "Torque them crosswise to 40 Nm. [1]"
+    history = [Turn(1, "r1", "How do I torque the flange bolts?", answer,
+                    [{"doc": "manual-1.md"}], "stop", 0.0)]
+    follow = builder.build("And the second pass?", sources, history)
+    assert follow.turns_used == 1
+    assert follow.text.startswith(first.text)
+    assert follow.text.index(answer) >= len(first.text)
+    head = builder.head(history, sources)
+    assert follow.text.startswith(head) and answer in head
+    assert len(follow.text) - len(head) < 120  # the question and the template's end
+    # Without the earlier sources the head is what every prompt starts with.
+    assert first.text.startswith(builder.head(history)) and answer not in builder.head(history)

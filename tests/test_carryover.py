@@ -1,0 +1,57 @@
+"""Which sources a follow-up keeps from the answer before it (carryover.py)."""
+
+from __future__ import annotations
+
+from edgekb.carryover import SessionSources, carry_over
+from edgekb.retrieval import ScoredHit
+from edgekb.store import ChunkHit
+
+
+def scored(n: int, heading: str = "", score: float = 1.0) -> ScoredHit:
+    hit = ChunkHit(n, "default", f"/docs/manual-{n}.md", f"Manual {n}", heading or f"S{n}",
+                   None, f"text {n}")
+    return ScoredHit(hit, score, 0.6)
+
+
+def ids(hits: list[ScoredHit]) -> list[int]:
+    return [s.hit.id for s in hits]
+
+
+def test_sources_found_again_lead_in_their_earlier_order_then_the_new_ones() -> None:
+    earlier = [scored(1), scored(2), scored(3)]
+    # The follow-up's search ranks 3 first, finds 1 among its extra candidates, not 2.
+    found = [scored(3), scored(7), scored(8), scored(9), scored(1)]
+    hits = found[:4]
+    assert ids(carry_over(earlier, found, hits, short=False)) == [1, 3, 7, 8, 9]
+
+
+def test_at_most_one_source_more_than_a_new_question_gets() -> None:
+    earlier = [scored(n) for n in range(1, 5)]
+    found = [scored(n) for n in (4, 3, 9, 2, 1)]
+    assert ids(carry_over(earlier, found, found[:4], short=False)) == [1, 2, 3, 4, 9]
+
+
+def test_a_short_follow_up_keeps_every_earlier_source() -> None:
+    earlier = [scored(1), scored(2)]
+    found = [scored(5), scored(6)]
+    assert ids(carry_over(earlier, found, found, short=True)) == [1, 2, 5]
+    # A longer question that found none of them again starts afresh.
+    assert ids(carry_over(earlier, found, found, short=False)) == [5, 6]
+
+
+def test_a_section_found_again_counts_even_through_another_chunk_of_it() -> None:
+    earlier = [scored(1, heading="Reset")]
+    other_chunk = ScoredHit(ChunkHit(11, "default", "/docs/manual-1.md", "Manual 1", "Reset",
+                                     None, "more text"), 0.9, 0.6)
+    assert ids(carry_over(earlier, [other_chunk], [other_chunk], short=False)) == [1]
+
+
+def test_kept_only_for_the_question_the_session_asked_last() -> None:
+    kept = SessionSources(size=2)
+    kept.put("s1", "How do I reset it?", [scored(1)])
+    assert ids(list(kept.after("s1", "How do I reset it?"))) == [1]
+    assert kept.after("s1", "Another question?") == ()
+    assert kept.after(None, "How do I reset it?") == ()
+    kept.put("s2", "q2", [scored(2)])
+    kept.put("s3", "q3", [scored(3)])
+    assert kept.after("s1", "How do I reset it?") == ()  # the oldest session went first
