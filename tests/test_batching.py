@@ -44,11 +44,14 @@ def engine(request: pytest.FixtureRequest, models_cache: Path, tmp_path_factory
     llm.close()
 
 
+def hit_of(number: int) -> ChunkHit:
+    doc = QUESTIONS[number][0]
+    return ChunkHit(number, "default", f"/demo/{doc}", doc, "", None,
+                    (DEMO / doc).read_text()[:1500])
+
+
 def prompt_of(builder: PromptBuilder, number: int, history: tuple[Turn, ...] = ()) -> str:
-    doc, question = QUESTIONS[number]
-    text = (DEMO / doc).read_text()[:1500]
-    hit = ChunkHit(number, "default", f"/demo/{doc}", doc, "", None, text)
-    return builder.build(question, [hit], history).text
+    return builder.build(QUESTIONS[number][1], [hit_of(number)], history).text
 
 
 def request(builder: PromptBuilder, number: int, **changes) -> GenerationRequest:
@@ -155,7 +158,8 @@ async def test_reused_prefixes_never_change_a_greedy_answer(engine) -> None:
                                                cache_key=None))
     # Fill every slot with other prompts so nothing of the target's stays resident.
     await asyncio.gather(*(run(llm, request(builder, n)) for n in range(len(QUESTIONS))))
-    head = builder.head(history)
+    # The head of a follow-up that kept its source: everything up to the question.
+    head = builder.head(history, [hit_of(2)])
     read = await llm.prefill(head, "session-a", threading.Event())
     assert read > 0
     reused_text, reused = await run(llm, replace(target, cancel=threading.Event()))

@@ -307,8 +307,15 @@ async def test_a_link_that_drops_every_kilobyte_still_delivers_the_whole_answer(
         srv.stop()
     assert stalls == 0, f"{stalls} connections delivered 1.5 KB without a whole event"
     assert proxy.cuts >= 3, "the answer should have needed several connections"
-    assert [e["type"] for e in events] == [e["type"] for e in reference.events]
+    # The reference read its prompt afresh; this answer found it cached (the reference
+    # session's pre-read head starts with it), so it may report fewer reading steps.
+    assert _kinds(events) == _kinds(reference.events)
     assert answer_text(events) == answer_text(reference.events)
+
+
+def _kinds(events: list[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in events
+            if e["type"] != "status" or "progress" not in e]
 
 
 # --- 2. resume of a finished answer, unknown ids, reused ids -------------------------------
