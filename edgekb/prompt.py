@@ -81,14 +81,9 @@ def on_topic(question: str, turns: Sequence[Turn], hits: Sequence[ChunkHit]) -> 
     return kept
 
 
-def source_header(number: int, hit: ChunkHit) -> str:
-    """The line a source starts with in the prompt: "[2] Title (where)"."""
-    where = cite_where(hit)
-    return f"[{number}] {hit.title}" + (f" ({where})" if where else "")
-
-
 def _source_block(number: int, hit: ChunkHit) -> str:
-    return f"{source_header(number, hit)}\n{hit.text}"
+    where = cite_where(hit)
+    return f"[{number}] {hit.title}" + (f" ({where})" if where else "") + f"\n{hit.text}"
 
 
 class PromptBuilder:
