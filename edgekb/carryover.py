@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .retrieval import ScoredHit
+from .sessions import Turn
 
 MAX_SESSIONS = 256  # sessions whose last sources are kept (about 8 KB each), oldest dropped
 
@@ -50,11 +51,11 @@ class SessionSources:
         while len(self._kept) > self.size:
             self._kept.popitem(last=False)
 
-    def after(self, session: str | None, last_question: str | None) -> tuple[ScoredHit, ...]:
-        """The sources of the session's last answer, if that answer was to ``last_question``
-        (the newest stored turn); () otherwise."""
+    def after(self, session: str | None, history: Sequence[Turn]) -> tuple[ScoredHit, ...]:
+        """The sources of the session's last answer, if that answer is the newest turn of
+        ``history``; () otherwise."""
         kept = self._kept.get(session) if session is not None else None
-        if kept is None or last_question is None or kept.question != last_question:
+        if kept is None or not history or kept.question != history[-1].question:
             return ()
         return kept.hits
 

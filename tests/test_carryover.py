@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from edgekb.carryover import SessionSources, carry_over
 from edgekb.retrieval import ScoredHit
+from edgekb.sessions import Turn
 from edgekb.store import ChunkHit
 
 
@@ -46,12 +47,17 @@ def test_a_section_found_again_counts_even_through_another_chunk_of_it() -> None
     assert ids(carry_over(earlier, [other_chunk], [other_chunk], short=False)) == [1]
 
 
+def asked(question: str) -> list[Turn]:
+    return [Turn(1, "r1", question, "An answer. [1]", [], "stop", 0.0)]
+
+
 def test_kept_only_for_the_question_the_session_asked_last() -> None:
     kept = SessionSources(size=2)
     kept.put("s1", "How do I reset it?", [scored(1)])
-    assert ids(list(kept.after("s1", "How do I reset it?"))) == [1]
-    assert kept.after("s1", "Another question?") == ()
-    assert kept.after(None, "How do I reset it?") == ()
+    assert ids(list(kept.after("s1", asked("How do I reset it?")))) == [1]
+    assert kept.after("s1", asked("Another question?")) == ()
+    assert kept.after("s1", []) == ()
+    assert kept.after(None, asked("How do I reset it?")) == ()
     kept.put("s2", "q2", [scored(2)])
     kept.put("s3", "q3", [scored(3)])
-    assert kept.after("s1", "How do I reset it?") == ()  # the oldest session went first
+    assert kept.after("s1", asked("How do I reset it?")) == ()  # the oldest session went first
