@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def fetch_package(package: Package, cache: Path) -> Path:
     if target.exists() and _sha256(target) == package.sha256:
         return target
     cache.mkdir(parents=True, exist_ok=True)
-    version = package.file.split("_")[1]
+    # apt writes an epoch ("2:2.10-12") into the file name as "2%3a2.10-12".
+    version = urllib.parse.unquote(package.file.split("_")[1])
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
         # apt drops privileges to _apt, which cannot write into a root-owned temp dir.
         os.chmod(tmp, 0o777)

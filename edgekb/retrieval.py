@@ -18,6 +18,7 @@ import functools
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import numpy as np
 
@@ -37,6 +38,7 @@ BM25_WEIGHTS = {"identifier": 0.5, "short": 0.4, "long": 0.25}
 SHORT_QUERY_TERMS = 3
 
 _WORD = re.compile(r"[\w][\w.\-/]*[\w]|[\w]")
+_OPTION = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*")  # -H, -sf, --health: asked in its case
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
 _IDENTIFIER = re.compile(r"(?=.*[\d._\-/])[\w.\-/]{3,}")
 # Question words that say nothing about the answer; as bonus terms they only add noise.
@@ -102,11 +104,28 @@ def words(text: str) -> set[str]:
 
 @functools.lru_cache(maxsize=256)  # the same question is scored against every candidate
 def _question(query: str) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]:
-    """A question's stemmed terms, its identifiers and its CJK bigrams."""
-    terms = query_terms(query)
+    """A question's stemmed terms, its identifiers and its CJK bigrams. A command-line option
+    ("smartctl -H", "-sf") is an identifier of its own, not the bare letter of a term."""
+    options = {o.lstrip("-").lower() for o in _OPTION.findall(query)}
+    terms = [t for t in query_terms(query) if t not in options or len(t) > 2]
     runs = _CJK.findall(query)
     return (tuple(stem(t) for t in terms), tuple(t for t in terms if _IDENTIFIER.fullmatch(t)),
             frozenset(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1))))
+
+
+@functools.lru_cache(maxsize=256)
+def _options(query: str) -> tuple[re.Pattern[str], ...]:
+    """The question's command-line options, each as a pattern of the whole option in its own
+    case: "-H" (health) is not "-h" (help), and "-t" is not the t of "-tty"."""
+    return tuple(re.compile(r"(?<![\w-])" + re.escape(o) + r"(?![\w-])")
+                 for o in dict.fromkeys(_OPTION.findall(query)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _file_words(doc_path: str) -> str:
+    """A manual's file name as words: it names the product where the title does not
+    ("postgresql-runtime-config-connection" under the title "20.3. Connections and ...")."""
+    return re.sub(r"[-_.]+", " ", PurePath(doc_path).stem)
 
 
 def bm25_weight_for(query: str) -> float:
@@ -161,6 +180,7 @@ class Searcher:
                     trigram_scores.update((i, score / best) for i, score in trigrams if best > 0)
         if mode == "hybrid":
             candidates.update(keyword_scores)
+            self._score_missing(store, variants, candidates, keyword_scores)
         best_keyword = max(keyword_scores.values(), default=0.0)
         bm25_weight = bm25_weight_for(query)
         stored = store.chunk_vectors(list(candidates))
@@ -191,6 +211,20 @@ class Searcher:
         return [query, *(a for a in alternates if a and a != query)]
 
     @staticmethod
+    def _score_missing(store: Store, variants: Sequence[str], candidates: set[int],
+                       keyword_scores: dict[int, float]) -> None:
+        """BM25 for the vector candidates outside the keyword top list. Without it, of two
+        chunks that match the question's words alike, the one ranked just past CANDIDATES
+        by BM25 (common words in a long manual) scores up to the whole BM25 weight less."""
+        missing = [i for i in candidates if i not in keyword_scores]
+        for variant in variants:
+            terms = query_terms(variant)
+            if not terms or not missing:
+                continue
+            for i, score in store.keyword_scores(fts_query(terms), missing).items():
+                keyword_scores[i] = max(score, keyword_scores.get(i, 0.0))
+
+    @staticmethod
     def _keyword(store: Store, kb: str, query: str
                  ) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
         """BM25 matches of the question's words (porter index) and of its CJK trigrams."""
@@ -203,7 +237,7 @@ class Searcher:
     def _rerank(query: str, hit: ChunkHit, cosine: float, trigram: float
                 ) -> tuple[float, float]:
         """(ranking score, relevance) of one chunk for one wording of the question."""
-        haystack = f"{hit.title} {hit.heading} {hit.text}".lower()
+        haystack = f"{hit.title} {_file_words(hit.doc_path)} {hit.heading} {hit.text}".lower()
         stems, identifiers, grams = _question(query)
         score = cosine + TRIGRAM_WEIGHT * trigram
         share = 0.0
@@ -212,9 +246,16 @@ class Searcher:
             share = sum(t in found for t in stems) / len(stems)
             score += TERM_WEIGHT * share
         found_ids = 0.0
-        if identifiers:
-            found_ids = sum(t in haystack for t in identifiers) / len(identifiers)
+        options = _options(query)
+        if identifiers or options:
+            cased = f"{hit.heading}\n{hit.text}"
+            found = (sum(t in haystack for t in identifiers)
+                     + sum(bool(o.search(cased)) for o in options))
+            found_ids = found / (len(identifiers) + len(options))
             score += IDENTIFIER_WEIGHT * found_ids
+            if options:  # an option's own entry is headed by it ("-H, --health")
+                headed = sum(bool(o.search(hit.heading)) for o in options) / len(options)
+                score += IDENTIFIER_WEIGHT * headed
         if grams:
             gram_share = sum(g in haystack for g in grams) / len(grams)
             score += TERM_WEIGHT * gram_share

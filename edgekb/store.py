@@ -280,6 +280,21 @@ class Store:
             return []  # a query FTS5 cannot parse finds nothing, it does not fail the answer
         return [(r[0], r[1]) for r in rows]
 
+    def keyword_scores(self, match: str, ids: Sequence[int]) -> dict[int, float]:
+        """BM25 (higher is better) of these chunks for an FTS5 MATCH expression, scored on the
+        whole table's statistics, as keyword_search scores its matches; a chunk that does not
+        match is left out."""
+        if not ids:
+            return {}
+        marks = ",".join("?" * len(ids))
+        try:
+            rows = self.conn.execute(
+                f"SELECT rowid, -bm25(chunks_fts) FROM chunks_fts WHERE chunks_fts MATCH ?"
+                f" AND rowid IN ({marks})", (match, *ids)).fetchall()
+        except sqlite3.OperationalError:
+            return {}
+        return {r[0]: r[1] for r in rows}
+
     def meta(self, key: str) -> str | None:
         row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None

@@ -331,3 +331,20 @@ def test_chinese_chunks_break_at_sentence_marks(tmp_path: Path) -> None:
     assert len(chunks) >= 3
     assert all(c.text.replace("\n", "")[-1] in "。！？" for c in chunks)
     assert "".join(c.text.replace("\n", "") for c in chunks) == text
+
+
+def test_a_question_and_answer_faq_is_split_into_its_entries(tmp_path: Path) -> None:
+    # The layout of dnsmasq's FAQ: a question may go on over indented lines.
+    data = (b"Q: Why does dnsmasq open UDP ports >1024 as well as port 53.\n"
+            b"   Is this a security problem?\n\n"
+            b"A: The high ports are for replies from the upstream nameservers.\n\n"
+            b"Q: Does dnsmasq answer over TCP?\n\n"
+            b"A: From version 2.10, it does.\n")
+    document = load(write(tmp_path / "dnsmasq-FAQ.txt", data))
+    assert document.title == "dnsmasq FAQ"  # not its first question
+    assert document.sections == [
+        Section("Why does dnsmasq open UDP ports >1024 as well as port 53. "
+                "Is this a security problem?", None,
+                "A: The high ports are for replies from the upstream nameservers."),
+        Section("Does dnsmasq answer over TCP?", None, "A: From version 2.10, it does."),
+    ]

@@ -10,7 +10,7 @@ from pathlib import Path
 import charset_normalizer
 
 from ..errors import UnsupportedFormat
-from .base import LoadedDocument, Outline, Section, TextBudget, title_from_text
+from .base import LoadedDocument, Outline, Section, TextBudget, stem_title, title_from_text
 
 _BOMS = (  # UTF-32 first: its little-endian BOM starts with UTF-16's
     (codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"),
@@ -131,6 +131,7 @@ _NUMBERED = re.compile(r"^\d+(\.\d+)*\.?\s+\S.{0,100}$")      # "2.2. How do I m
 # "  ? 2.2. How do I ...", "  o 1. chrony compared ...": an indented, bulleted, numbered line
 _TOC_LINE = re.compile(r"^\s+[?o*\u2022]\s+\d+(\.\d+)*\.?\s+.{1,100}$")
 _DOT_LEADER = re.compile(r"(\.\s?){5,}\s*\d+\s*$")             # "Contents ........ 12"
+_FAQ_QUESTION = re.compile(r"^Q[:.]\s+(\S.*)$")                 # "Q: Why does dnsmasq ..."
 
 
 def load_text(path: Path, data: bytes) -> LoadedDocument:
@@ -220,10 +221,30 @@ def _plain(path: Path, text: str, lines: list[str]) -> LoadedDocument:
             number = stripped.split()[0].rstrip(".")
             outline.heading(number.count(".") + 1, stripped)
             continue
+        question = _FAQ_QUESTION.match(line) if _blank(lines, i - 1) else None
+        if question:
+            # A "Q:"/"A:" FAQ: each entry is a section named by its question, so an answer
+            # is cited by the question it answers and chunked apart from its neighbours.
+            skip = _continuation(lines, i)
+            asked = " ".join([question.group(1), *(l.strip() for l in lines[i + 1: i + 1 + skip])])
+            outline.heading(len(levels) + 1, asked)
+            continue
         outline.add(line)
     outline.flush()
     sections = outline.sections or [Section("", None, text)]
-    return LoadedDocument(title or title_from_text(path, text), "txt", sections)
+    first = next((line for line in lines if line.strip()), "")
+    # A FAQ that opens with its first question: that is no title for the whole file.
+    fallback = stem_title(path) if _FAQ_QUESTION.match(first) else title_from_text(path, text)
+    return LoadedDocument(title or fallback, "txt", sections)
+
+
+def _continuation(lines: list[str], i: int) -> int:
+    """How many indented lines after line i go on with it (a question over two lines)."""
+    count = 0
+    while (i + 1 + count < len(lines) and lines[i + 1 + count][:1].isspace()
+           and lines[i + 1 + count].strip()):
+        count += 1
+    return count
 
 
 def _in_toc(lines: list[str], i: int) -> bool:
