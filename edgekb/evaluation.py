@@ -75,6 +75,32 @@ def load_questions(path: Path) -> list[Question]:
     return questions
 
 
+@dataclass(frozen=True)
+class FollowUp:
+    """The next question of a conversation that began with ``first`` (a question id)."""
+
+    id: str
+    kind: str      # short ("and the default?"), pronoun, related, switch (another manual)
+    first: str
+    question: Question  # the follow-up, with its own answering document and key facts
+
+
+def load_followups(path: Path, questions: Sequence[Question]) -> list[FollowUp]:
+    """A set's ``followups.tsv``; every ``first`` must name an answerable question."""
+    known = {q.id for q in questions if q.covered}
+    with path.open(encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    followups = [FollowUp(r["id"], r["kind"], r["first"],
+                          Question(r["id"], r["kind"], r["document"], r["answer"], r["question"],
+                                   r.get("lang") or _language(r["question"]),
+                                   tuple(f for f in (r.get("facts") or "").split("|") if f)))
+                 for r in rows]
+    unknown = sorted(f.first for f in followups if f.first not in known)
+    if unknown:
+        raise ValueError(f"{path}: follow-ups of unknown or unanswerable questions {unknown}")
+    return followups
+
+
 def _normalise(text: str) -> str:
     """Whitespace-insensitive: loaders and chunking join and re-break lines."""
     return " ".join(text.split())

@@ -34,6 +34,16 @@ INSTRUCTION = (
     "like [1] or [2]. If the excerpts do not contain the answer, say that the manuals do not "
     "cover it."
 )
+# One worked example before the real sources (chat models): a small model shown how an answer
+# looks copies fewer excerpt headers and says less often that excerpts holding the answer do
+# not (scripts/eval_answers). Constant, so it stays in every slot's KV cache.
+EXAMPLE_SOURCES = (
+    "[1] Air compressor AC-7 (Maintenance > Air filter)\nClean the intake filter every 50 "
+    "operating hours. Replace it after 500 hours, or at once when it is torn.\n\n"
+    "[2] Air compressor AC-7 (Specifications)\nRated pressure 8 bar. Noise level 68 dB(A).")
+EXAMPLE_QUESTION = "How often do I replace the filter?"
+EXAMPLE_ANSWER = ("Replace the intake filter after 500 operating hours, or at once if it is "
+                  "torn [1]. Clean it every 50 hours in between [1].")
 TRANSLATE_INSTRUCTION = (
     "Translate the user's question into English. Keep technical terms, option names and "
     "numbers exactly as written. Reply with the English question only."
@@ -185,7 +195,11 @@ class PromptBuilder:
         before it did, answer included."""
         sources = SOURCES_HEADER + ("\n\n".join(blocks) if blocks else "(no sources found)")
         if self.fmt == "chat" and self.chat_template is not None:
-            messages = [{"role": "system", "content": INSTRUCTION}]
+            messages = [
+                {"role": "system", "content": INSTRUCTION},
+                {"role": "user", "content": f"{SOURCES_HEADER}{EXAMPLE_SOURCES}\n\n"
+                                            f"{QUESTION_LABEL}{EXAMPLE_QUESTION}"},
+                {"role": "assistant", "content": EXAMPLE_ANSWER}]
             asked = [*((t.question, t.answer) for t in turns), (question, None)]
             for number, (asked_question, answer) in enumerate(asked):
                 lead = f"{sources}\n\n" if number == 0 else ""

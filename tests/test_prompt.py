@@ -9,6 +9,7 @@ import pytest
 from edgekb.catalog import Catalog, default_manifest_path, fetch
 from edgekb.config import GenerationSettings, ModelsSettings, Settings
 from edgekb.engines import load_llm, prompt_builder
+from edgekb.prompt import EXAMPLE_ANSWER
 from edgekb.sessions import Turn
 from edgekb.store import ChunkHit
 
@@ -66,6 +67,8 @@ def test_short_prompt_keeps_everything_in_order(engine) -> None:
         < text.index("Where is the reset button?")
     if entry.settings.get("prompt_format") == "chat":
         assert "<|im_start|>" in text and text.rstrip().endswith("assistant")
+        # The worked example comes first: the same for every question, so always cached.
+        assert text.index(EXAMPLE_ANSWER) < text.index("[1] Manual 1")
     else:
         assert text.endswith("Answer:")
 
