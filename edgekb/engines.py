@@ -97,7 +97,8 @@ def prompt_builder(settings: Settings, llm: LlmEngine | RemoteLlm, entry: ModelE
         stop.extend(template_stop)
     budget = llm.n_ctx - settings.generation.max_tokens - CONTEXT_MARGIN
     sampling = {key: entry.settings[key] for key in SAMPLING_KEYS if key in entry.settings}
-    return PromptBuilder(fmt, llm.count_tokens, budget, stop, template, sampling)
+    return PromptBuilder(fmt, llm.count_tokens, budget, stop, template, sampling,
+                         worked_example=bool(entry.settings.get("worked_example", False)))
 
 
 def chat_template(source: str | None, eos: str, bos: str) -> ChatTemplate:

@@ -34,9 +34,10 @@ INSTRUCTION = (
     "like [1] or [2]. If the excerpts do not contain the answer, say that the manuals do not "
     "cover it."
 )
-# One worked example before the real sources (chat models): a small model shown how an answer
-# looks copies fewer excerpt headers and says less often that excerpts holding the answer do
-# not (scripts/eval_answers). Constant, so it stays in every slot's KV cache.
+# One worked example before the real sources, for the chat models whose models.toml entry asks
+# for it (`worked_example`): Qwen 0.5B shown how an answer looks copies no excerpt headers and
+# no longer says that excerpts holding the answer do not; SmolLM2 135M got worse with it
+# (scripts/eval_answers). Constant, so it stays in every slot's KV cache.
 EXAMPLE_SOURCES = (
     "[1] Air compressor AC-7 (Maintenance > Air filter)\nClean the intake filter every 50 "
     "operating hours. Replace it after 500 hours, or at once when it is torn.\n\n"
@@ -99,8 +100,10 @@ def _source_block(number: int, hit: ChunkHit) -> str:
 class PromptBuilder:
     def __init__(self, fmt: str, count_tokens: Callable[[str], int], budget_tokens: int,
                  stop: Sequence[str], chat_template: ChatTemplate | None = None,
-                 sampling: Mapping[str, Any] | None = None) -> None:
+                 sampling: Mapping[str, Any] | None = None, worked_example: bool = False
+                 ) -> None:
         self.fmt = fmt
+        self.worked_example = worked_example  # chat models only (models.toml)
         self.count_tokens = count_tokens
         self.budget = budget_tokens
         self.stop = tuple(stop)
@@ -195,11 +198,11 @@ class PromptBuilder:
         before it did, answer included."""
         sources = SOURCES_HEADER + ("\n\n".join(blocks) if blocks else "(no sources found)")
         if self.fmt == "chat" and self.chat_template is not None:
-            messages = [
-                {"role": "system", "content": INSTRUCTION},
-                {"role": "user", "content": f"{SOURCES_HEADER}{EXAMPLE_SOURCES}\n\n"
-                                            f"{QUESTION_LABEL}{EXAMPLE_QUESTION}"},
-                {"role": "assistant", "content": EXAMPLE_ANSWER}]
+            messages = [{"role": "system", "content": INSTRUCTION}]
+            if self.worked_example:
+                messages += [{"role": "user", "content": f"{SOURCES_HEADER}{EXAMPLE_SOURCES}"
+                                                         f"\n\n{QUESTION_LABEL}{EXAMPLE_QUESTION}"},
+                             {"role": "assistant", "content": EXAMPLE_ANSWER}]
             asked = [*((t.question, t.answer) for t in turns), (question, None)]
             for number, (asked_question, answer) in enumerate(asked):
                 lead = f"{sources}\n\n" if number == 0 else ""

@@ -67,10 +67,13 @@ def test_short_prompt_keeps_everything_in_order(engine) -> None:
         < text.index("Where is the reset button?")
     if entry.settings.get("prompt_format") == "chat":
         assert "<|im_start|>" in text and text.rstrip().endswith("assistant")
+    else:
+        assert text.endswith("Answer:")
+    if entry.settings.get("worked_example"):  # Qwen: measured better with it, SmolLM2 worse
         # The worked example comes first: the same for every question, so always cached.
         assert text.index(EXAMPLE_ANSWER) < text.index("[1] Manual 1")
     else:
-        assert text.endswith("Answer:")
+        assert EXAMPLE_ANSWER not in text
 
 
 def test_turns_about_another_manual_stay_out(engine) -> None:
