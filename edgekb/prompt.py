@@ -38,16 +38,26 @@ INSTRUCTION = (
 # for it (`worked_example`): Qwen 0.5B shown how an answer looks copies no excerpt headers and
 # no longer says that excerpts holding the answer do not; SmolLM2 135M got worse with it
 # (scripts/eval_answers). Constant, so it stays in every slot's KV cache.
+# A label printer: far from the demo manuals (a pump, a compressor, a conveyor), so its facts
+# cannot be mistaken for theirs.
 EXAMPLE_SOURCES = (
-    "[1] Air compressor AC-7 (Maintenance > Air filter)\nClean the intake filter every 50 "
-    "operating hours. Replace it after 500 hours, or at once when it is torn.\n\n"
-    "[2] Air compressor AC-7 (Specifications)\nRated pressure 8 bar. Noise level 68 dB(A).")
-EXAMPLE_QUESTION = "How often do I replace the filter?"
-EXAMPLE_ANSWER = ("Replace the intake filter after 500 operating hours, or at once if it is "
-                  "torn [1]. Clean it every 50 hours in between [1].")
+    "[1] Label printer LP-4 (Maintenance > Print head)\nClean the print head with an alcohol "
+    "swab after every 5 label rolls. Replace the head after 50 km of labels, or at once when "
+    "it leaves white lines.\n\n"
+    "[2] Label printer LP-4 (Specifications)\nPrint width 104 mm. Resolution 300 dpi.")
+EXAMPLE_QUESTION = "How often do I replace the print head?"
+EXAMPLE_ANSWER = ("Replace the print head after 50 km of labels, or at once if it leaves "
+                  "white lines [1]. Clean it with an alcohol swab after every 5 rolls in "
+                  "between [1].")
 TRANSLATE_INSTRUCTION = (
     "Translate the user's question into English. Keep technical terms, option names and "
     "numbers exactly as written. Reply with the English question only."
+)
+CONDENSE_INSTRUCTION = (
+    "Rewrite the technician's follow-up as one complete question that can be understood "
+    "without the earlier question: take what the follow-up leaves out from the earlier "
+    "question. Keep option names and numbers exactly as written, and the follow-up's "
+    "language. Reply with the question only."
 )
 # A question with at most this many content words may lean on the turn before it.
 FOLLOW_UP_TERMS = 3
@@ -127,6 +137,16 @@ class PromptBuilder:
         text = self.chat_template([
             {"role": "system", "content": TRANSLATE_INSTRUCTION},
             {"role": "user", "content": question}])
+        return Prompt(text, 0, 0, (*self.stop, "\n"), self.sampling)
+
+    def condensing(self, question: str, earlier: str) -> Prompt | None:
+        """A prompt that has an instruct model spell out a short follow-up ("and maxpoll?"
+        after a question about minpoll); None for a completion model."""
+        if self.fmt != "chat" or self.chat_template is None:
+            return None
+        text = self.chat_template([
+            {"role": "system", "content": CONDENSE_INSTRUCTION},
+            {"role": "user", "content": f"Earlier question: {earlier}\nFollow-up: {question}"}])
         return Prompt(text, 0, 0, (*self.stop, "\n"), self.sampling)
 
     def _direct(self, question: str, history: Sequence[Turn]) -> Prompt:
