@@ -53,12 +53,6 @@ TRANSLATE_INSTRUCTION = (
     "Translate the user's question into English. Keep technical terms, option names and "
     "numbers exactly as written. Reply with the English question only."
 )
-CONDENSE_INSTRUCTION = (
-    "Rewrite the technician's follow-up as one complete question that can be understood "
-    "without the earlier question: take what the follow-up leaves out from the earlier "
-    "question. Keep option names and numbers exactly as written, and the follow-up's "
-    "language. Reply with the question only."
-)
 # A question with at most this many content words may lean on the turn before it.
 FOLLOW_UP_TERMS = 3
 SOURCES_HEADER = "Sources:\n"
@@ -137,16 +131,6 @@ class PromptBuilder:
         text = self.chat_template([
             {"role": "system", "content": TRANSLATE_INSTRUCTION},
             {"role": "user", "content": question}])
-        return Prompt(text, 0, 0, (*self.stop, "\n"), self.sampling)
-
-    def condensing(self, question: str, earlier: str) -> Prompt | None:
-        """A prompt that has an instruct model spell out a short follow-up ("and maxpoll?"
-        after a question about minpoll); None for a completion model."""
-        if self.fmt != "chat" or self.chat_template is None:
-            return None
-        text = self.chat_template([
-            {"role": "system", "content": CONDENSE_INSTRUCTION},
-            {"role": "user", "content": f"Earlier question: {earlier}\nFollow-up: {question}"}])
         return Prompt(text, 0, 0, (*self.stop, "\n"), self.sampling)
 
     def _direct(self, question: str, history: Sequence[Turn]) -> Prompt:

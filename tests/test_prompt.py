@@ -103,16 +103,3 @@ def test_a_follow_up_with_the_same_sources_starts_as_the_prompt_before_it(engine
     assert len(follow.text) - len(head) < 120  # the question and the template's end
     # Without the earlier sources the head is what every prompt starts with.
     assert first.text.startswith(builder.head(history)) and answer not in builder.head(history)
-
-
-def test_a_short_follow_up_is_spelled_out_by_an_instruct_model_only(engine) -> None:
-    llm, builder, entry = engine
-    prompt = builder.condensing("and maxpoll?", "What is the default minpoll in chrony?")
-    if entry.settings.get("prompt_format") != "chat":
-        assert prompt is None  # a base model cannot be told to rewrite
-        return
-    assert prompt is not None
-    assert prompt.text.index("What is the default minpoll in chrony?") \
-        < prompt.text.index("and maxpoll?")
-    assert "\n" in prompt.stop  # one line: the question, nothing after it
-    assert llm.count_tokens(prompt.text) < 200  # a short read before the answer's own
