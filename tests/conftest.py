@@ -164,6 +164,26 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
     raise AssertionError(f"no done/error for {request_id} within {timeout} s: {events}")
 
 
+async def until(ws: aiohttp.ClientWebSocketResponse, request_id: str, event_type: str,
+                timeout: float = 180) -> list[dict[str, Any]]:
+    """Events of one request up to its first ``event_type`` (a delta, say); other requests'
+    events are set aside for their collect(): with several slots, a request asked second can
+    be done before the first one writes its first token."""
+    aside = _SET_ASIDE.setdefault(ws, [])
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        message = await receive_json(ws, timeout=max(0.1, deadline - time.monotonic()))
+        if message.get("id") != request_id:
+            if "id" in message:
+                aside.append(message)
+            continue
+        events.append(message)
+        if message["type"] in (event_type, "done", "error"):
+            return events
+    raise AssertionError(f"no {event_type} for {request_id} within {timeout} s: {events}")
+
+
 def answer_text(events: list[dict[str, Any]]) -> str:
     """The answer as the client assembles it from the deltas, checked against `done`."""
     text = "".join(e["text"] for e in events if e["type"] == "delta")

@@ -94,7 +94,8 @@ async def open_page(browser: Browser, url: str, login: Login | None = None,
 
 
 async def connected(browser: Browser, timeout: float = 30) -> None:
-    await browser.wait_for("document.querySelector('[data-testid=conn]').dataset.state === 'up'",
+    # "?.": while the page loads itself again (a cut load) the element is briefly not there.
+    await browser.wait_for("document.querySelector('[data-testid=conn]')?.dataset.state === 'up'",
                            timeout=timeout)
 
 

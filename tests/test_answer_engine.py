@@ -18,6 +18,7 @@ from conftest import (
     edgekb_env,
     receive_json,
     start_server,
+    until,
 )
 
 FOLLOW_UP = "What should I do if E-204 comes back after the restart?"
@@ -105,14 +106,8 @@ async def test_cancel_stops_generation_and_the_next_request_starts(server: Serve
         ws, _ = await connect(http, server)
         await ws.send_json({"type": "ask", "id": "long", "text": DEMO_QUESTION})
         await ws.send_json({"type": "ask", "id": "next", "text": "How do I verify zero energy?"})
-        seen: list[dict[str, Any]] = []
-        while True:
-            event = await receive_json(ws, timeout=180)
-            if event.get("id") != "long":
-                continue
-            seen.append(event)
-            if event["type"] == "delta":
-                break
+        seen = await until(ws, "long", "delta")
+        assert seen[-1]["type"] == "delta", seen[-1]
         await ws.send_json({"type": "cancel", "id": "long"})
         rest = await collect(ws, "long")
         done = rest[-1]
