@@ -65,10 +65,7 @@ class Question:
 def load_questions(path: Path) -> list[Question]:
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    questions = [Question(r["id"], r.get("kind") or r["category"], r["document"], r["answer"],
-                          r["question"], r.get("lang") or _language(r["question"]),
-                          tuple(f for f in (r.get("facts") or "").split("|") if f))
-                 for r in rows]
+    questions = [_question_of(r, r.get("kind") or r["category"]) for r in rows]
     duplicates = [i for i, n in Counter(q.id for q in questions).items() if n > 1]
     if duplicates:
         raise ValueError(f"{path}: duplicate question ids {sorted(duplicates)}")
@@ -90,15 +87,19 @@ def load_followups(path: Path, questions: Sequence[Question]) -> list[FollowUp]:
     known = {q.id for q in questions if q.covered}
     with path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
-    followups = [FollowUp(r["id"], r["kind"], r["first"],
-                          Question(r["id"], r["kind"], r["document"], r["answer"], r["question"],
-                                   r.get("lang") or _language(r["question"]),
-                                   tuple(f for f in (r.get("facts") or "").split("|") if f)))
+    followups = [FollowUp(r["id"], r["kind"], r["first"], _question_of(r, r["kind"]))
                  for r in rows]
     unknown = sorted(f.first for f in followups if f.first not in known)
     if unknown:
         raise ValueError(f"{path}: follow-ups of unknown or unanswerable questions {unknown}")
     return followups
+
+
+def _question_of(row: Mapping[str, str], kind: str) -> Question:
+    """One row of questions.tsv or followups.tsv (the same columns)."""
+    return Question(row["id"], kind, row["document"], row["answer"], row["question"],
+                    row.get("lang") or _language(row["question"]),
+                    tuple(f for f in (row.get("facts") or "").split("|") if f))
 
 
 def _normalise(text: str) -> str:

@@ -103,22 +103,18 @@ def words(text: str) -> set[str]:
 
 
 @functools.lru_cache(maxsize=256)  # the same question is scored against every candidate
-def _question(query: str) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[str]]:
-    """A question's stemmed terms, its identifiers and its CJK bigrams. A command-line option
-    ("smartctl -H", "-sf") is an identifier of its own, not the bare letter of a term."""
-    options = {o.lstrip("-").lower() for o in _OPTION.findall(query)}
-    terms = [t for t in query_terms(query) if t not in options or len(t) > 2]
+def _question(query: str) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[str],
+                                   tuple[re.Pattern[str], ...]]:
+    """A question's stemmed terms, its identifiers, its CJK bigrams and its command-line
+    options. An option ("smartctl -H", "-sf") is matched whole and in its own case: "-H"
+    (health) is not "-h" (help), and "-t" is not the t of "-tty"; its bare letter is no term."""
+    asked = tuple(dict.fromkeys(_OPTION.findall(query)))
+    letters = {o.lstrip("-").lower() for o in asked}
+    terms = [t for t in query_terms(query) if t not in letters or len(t) > 2]
     runs = _CJK.findall(query)
     return (tuple(stem(t) for t in terms), tuple(t for t in terms if _IDENTIFIER.fullmatch(t)),
-            frozenset(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1))))
-
-
-@functools.lru_cache(maxsize=256)
-def _options(query: str) -> tuple[re.Pattern[str], ...]:
-    """The question's command-line options, each as a pattern of the whole option in its own
-    case: "-H" (health) is not "-h" (help), and "-t" is not the t of "-tty"."""
-    return tuple(re.compile(r"(?<![\w-])" + re.escape(o) + r"(?![\w-])")
-                 for o in dict.fromkeys(_OPTION.findall(query)))
+            frozenset(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1))),
+            tuple(re.compile(r"(?<![\w-])" + re.escape(o) + r"(?![\w-])") for o in asked))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -129,7 +125,7 @@ def _file_words(doc_path: str) -> str:
 
 
 def bm25_weight_for(query: str) -> float:
-    stems, identifiers, _ = _question(query)
+    stems, identifiers, _, _ = _question(query)
     if identifiers:
         return BM25_WEIGHTS["identifier"]
     return BM25_WEIGHTS["short" if len(stems) <= SHORT_QUERY_TERMS else "long"]
@@ -238,7 +234,7 @@ class Searcher:
                 ) -> tuple[float, float]:
         """(ranking score, relevance) of one chunk for one wording of the question."""
         haystack = f"{hit.title} {_file_words(hit.doc_path)} {hit.heading} {hit.text}".lower()
-        stems, identifiers, grams = _question(query)
+        stems, identifiers, grams, options = _question(query)
         score = cosine + TRIGRAM_WEIGHT * trigram
         share = 0.0
         if stems:
@@ -246,7 +242,6 @@ class Searcher:
             share = sum(t in found for t in stems) / len(stems)
             score += TERM_WEIGHT * share
         found_ids = 0.0
-        options = _options(query)
         if identifiers or options:
             cased = f"{hit.heading}\n{hit.text}"
             found = (sum(t in haystack for t in identifiers)

@@ -142,10 +142,22 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
                   timeout: float = 300) -> list[dict[str, Any]]:
     """Events of one request until its done or error (bounded by a deadline). Events of other
     requests on the same socket are set aside for their own collect(), never dropped."""
+    return await until(ws, request_id, "done", timeout)
+
+
+async def until(ws: aiohttp.ClientWebSocketResponse, request_id: str, event_type: str,
+                timeout: float = 180) -> list[dict[str, Any]]:
+    """Events of one request up to its first ``event_type`` (a delta, say), or its done or
+    error; other requests' events are set aside for their own call: with several slots, a
+    request asked second can be done before the first one writes its first token."""
+    stops = (event_type, "done", "error")
     aside = _SET_ASIDE.setdefault(ws, [])
-    events = [e for e in aside if e.get("id") == request_id]
-    aside[:] = [e for e in aside if e.get("id") != request_id]
-    if events and events[-1]["type"] in ("done", "error"):
+    mine = [e for e in aside if e.get("id") == request_id]
+    end = next((n + 1 for n, e in enumerate(mine) if e["type"] in stops), None)
+    events = mine[:end]
+    # What comes after the stop stays set aside, first in line, for the next call.
+    aside[:] = mine[len(events):] + [e for e in aside if e.get("id") != request_id]
+    if end is not None:
         return events
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -159,27 +171,7 @@ async def collect(ws: aiohttp.ClientWebSocketResponse, request_id: str,
                 aside.append(message)
             continue
         events.append(message)
-        if message["type"] in ("done", "error"):
-            return events
-    raise AssertionError(f"no done/error for {request_id} within {timeout} s: {events}")
-
-
-async def until(ws: aiohttp.ClientWebSocketResponse, request_id: str, event_type: str,
-                timeout: float = 180) -> list[dict[str, Any]]:
-    """Events of one request up to its first ``event_type`` (a delta, say); other requests'
-    events are set aside for their collect(): with several slots, a request asked second can
-    be done before the first one writes its first token."""
-    aside = _SET_ASIDE.setdefault(ws, [])
-    events: list[dict[str, Any]] = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        message = await receive_json(ws, timeout=max(0.1, deadline - time.monotonic()))
-        if message.get("id") != request_id:
-            if "id" in message:
-                aside.append(message)
-            continue
-        events.append(message)
-        if message["type"] in (event_type, "done", "error"):
+        if message["type"] in stops:
             return events
     raise AssertionError(f"no {event_type} for {request_id} within {timeout} s: {events}")
 
