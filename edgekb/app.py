@@ -149,8 +149,7 @@ async def _conversations(app: web.Application) -> AsyncIterator[None]:
     if interrupted:
         log.warning("%d answers were cut off by the last shutdown; they end with an error",
                     interrupted)
-    options = AnswerOptions(k=settings.retrieval.k, max_tokens=settings.generation.max_tokens,
-                            temperature=settings.generation.temperature)
+    options = AnswerOptions.from_settings(settings)
     # As many answers at once as the LLM decodes together.
     queue = FairQueue(settings.queue.max_waiting, settings.queue.max_per_user,
                       slots=settings.generation.slots)

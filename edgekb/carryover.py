@@ -2,10 +2,11 @@
 
 "What pressure does it trip at?" after "How do I reset the pump after an overpressure trip?"
 is about the pump the earlier sources described, and those sources are what the technician
-just read. So a follow-up's sources start with the earlier answer's sources that its own
-search found again (all of them for a short follow-up such as "and after that?", whose
-search means little), in their earlier order and with the same text, then its new passages:
-one source more at most than a new question would get.
+just read. So a follow-up that stays on their topic (its search finds a manual they came
+from, or it is a short one such as "and after that?", whose search means little) keeps the
+earlier answer's sources, in their order and with the same text, then its new passages: one
+source more at most than a new question would get. A question whose search finds none of
+those manuals starts afresh.
 
 That order is also what makes the follow-up quick: the prompt starts with the sources
 (prompt.py), so an unchanged lead of sources leaves the earlier prompt's KV cache usable up to
@@ -20,16 +21,11 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .passages import section
 from .retrieval import ScoredHit
 from .sessions import Turn
 
 MAX_SESSIONS = 256  # sessions whose last sources are kept (about 8 KB each), oldest dropped
-
-
-def section(scored: ScoredHit) -> tuple[str, str, int | None]:
-    """What a source is (merge_neighbours joins a section's chunks into one source)."""
-    hit = scored.hit
-    return hit.doc_path, hit.heading, hit.page
 
 
 @dataclass(frozen=True)
@@ -61,14 +57,22 @@ class SessionSources:
 
 
 def carry_over(earlier: Sequence[ScoredHit], found: Sequence[ScoredHit],
-               hits: Sequence[ScoredHit], short: bool) -> list[ScoredHit]:
-    """This question's sources: the ``earlier`` ones its search ``found`` again (every one if
-    ``short``), then its own ``hits`` not among them; one source more at most than the
-    larger of the two lists."""
-    again = {section(s) for s in found}
-    kept = [s for s in earlier if short or section(s) in again]
-    if not kept:
+               hits: Sequence[ScoredHit], short: bool, k: int) -> list[ScoredHit]:
+    """This question's sources: every ``earlier`` one, in its order, when the question stays
+    on their topic (``short``, or its search ``found`` a manual they came from), then its own
+    ``hits`` not among them; one source more than a new question can get (``k``) at most,
+    however few this one's search found. Keeping them all, not only those found again,
+    leaves the earlier prompt unchanged up to the new sources, so its KV cache serves the
+    follow-up that far; once a conversation has that many, only those found again stay, so a
+    new passage always has room."""
+    manuals = {s.hit.doc_path for s in found}
+    if not earlier or not (short or manuals & {s.hit.doc_path for s in earlier}):
         return list(hits)
+    most = max(k, len(hits)) + 1
+    kept = list(earlier)
+    if len(kept) >= most:  # a long conversation: room for a new passage beats the cache
+        again = {section(s) for s in found}
+        kept = [s for s in earlier if short or section(s) in again]
     taken = {section(s) for s in kept}
     new = [s for s in hits if section(s) not in taken]
-    return [*kept, *new][: max(len(hits), len(kept)) + 1]
+    return [*kept, *new][: max(most, len(kept))]

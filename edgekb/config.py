@@ -56,6 +56,7 @@ class ModelsSettings:
 @dataclass(frozen=True)
 class RetrievalSettings:
     k: int = 4
+    sibling_chunks: int = 2
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,7 @@ _CHECKS: dict[str, _Check] = {
     "models.llm_large_board": _NON_EMPTY,
     "models.small_board_mb": _at_least(0),
     "retrieval.k": _between(1, 50),
+    "retrieval.sibling_chunks": _between(0, 16),
     "chunking.chunk_tokens": _between(32, 512),
     "chunking.overlap_tokens": _at_least(0),
     "ingest.max_file_mb": _between(1, 1024),

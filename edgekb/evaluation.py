@@ -5,7 +5,9 @@ manuals listed in ``sources.toml`` (fetched and pinned by edgekb.evaldocs, kept 
 the project's own ``docs/`` (ingested as they are) and ``render/`` (Markdown rendered to the
 binary format named by its file name: ``x.docx.md`` -> ``x.docx``), with the demo manuals.
 Each question names its document and an exact substring of the answering text: a hit is a
-retrieved chunk of that document containing it, which stays true when chunking changes.
+passage of that document containing it, which stays true when chunking changes. Passages are
+what an answer is given (passages.py: the ranked chunks gathered into ``retrieval.k``
+sections), then the best chunk of each other section, for the ranks beyond.
 Questions of kind ``absent`` have no answer in any document: they measure what the best score
 looks like when nothing is relevant (the not-covered floor), and count in no hit figure.
 
@@ -34,11 +36,13 @@ from .cli import DEMO_DIR
 from .config import load_settings
 from .engines import load_embedder, make_ingestor, open_catalog, open_library
 from .evaldocs import build_set
+from .passages import DEPTH as PASSAGE_DEPTH
+from .passages import ranked
 from .retrieval import MODES, Searcher, needs_translation
 from .store import ChunkHit, Store
 
 KB = "eval"
-DEPTH = 10  # results read per question: MRR is MRR@10
+DEPTH = 10  # passages read per question (the answer's k, then other sections): MRR@10
 CUTOFFS = (1, 3, 5)
 _PDF_LINE_CHARS = 90
 _PDF_PAGE_LINES = 46
@@ -337,7 +341,9 @@ def evaluate(eval_dir: Path, *, env: Mapping[str, str] | None = None,
             covered = [i for i, q in enumerate(questions) if q.covered]
             for mode in modes:
                 started = time.perf_counter()
-                found = [searcher.search(store, q.text, DEPTH, [KB], mode, alternates[i])
+                found = [ranked(searcher.search(store, q.text, PASSAGE_DEPTH, [KB], mode,
+                                                alternates[i]), settings.retrieval.k,
+                                 settings.retrieval.sibling_chunks)[:DEPTH]
                          for i, q in enumerate(questions)]
                 result[f"search_ms_{mode}"] = round(
                     (time.perf_counter() - started) * 1000 / max(1, len(questions)), 2)

@@ -169,9 +169,10 @@ async def test_follow_up_uses_earlier_turns_and_reuses_the_cached_prefix(
     # not read again: it was pre-read while the LLM was idle.
     assert usage["cached_prompt_tokens"] >= (control[-1]["usage"]["cached_prompt_tokens"]
                                              + first[-1]["usage"]["completion_tokens"])
-    # The follow-up kept the first answer's sources in front, so nothing of the first prompt
-    # was read again either.
-    assert usage["cached_prompt_tokens"] >= first[-1]["usage"]["prompt_tokens"]
+    # The follow-up kept the first answer's sources in front, so the first prompt was not
+    # read again up to its question: a new source of the follow-up comes after the earlier
+    # ones, before the turns (at most the question, its chat markup and one 16-token block).
+    assert usage["cached_prompt_tokens"] >= first[-1]["usage"]["prompt_tokens"] - 64
     first_docs = [e["doc"] for e in first if e["type"] == "source"]
     assert [e["doc"] for e in follow if e["type"] == "source"][: len(first_docs)] == first_docs
 
