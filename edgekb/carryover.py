@@ -68,7 +68,7 @@ def carry_over(earlier: Sequence[ScoredHit], found: Sequence[ScoredHit],
     manuals = {s.hit.doc_path for s in found}
     if not earlier or not (short or manuals & {s.hit.doc_path for s in earlier}):
         return list(hits)
-    most = max(k, len(hits)) + 1
+    most = k + 1  # hits are at most k passages
     kept = list(earlier)
     if len(kept) >= most:  # a long conversation: room for a new passage beats the cache
         again = {section(s) for s in found}

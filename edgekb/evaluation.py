@@ -6,8 +6,8 @@ the project's own ``docs/`` (ingested as they are) and ``render/`` (Markdown ren
 binary format named by its file name: ``x.docx.md`` -> ``x.docx``), with the demo manuals.
 Each question names its document and an exact substring of the answering text: a hit is a
 passage of that document containing it, which stays true when chunking changes. Passages are
-what an answer is given (passages.py: the ranked chunks gathered into ``retrieval.k``
-sections), then the best chunk of each other section, for the ranks beyond.
+what an answer is given (passages.py: each section among the best ``retrieval.k`` chunks,
+with its sibling chunks), then the best chunk of each other section, for the ranks beyond.
 Questions of kind ``absent`` have no answer in any document: they measure what the best score
 looks like when nothing is relevant (the not-covered floor), and count in no hit figure.
 

@@ -34,7 +34,8 @@ def section(scored: ScoredHit) -> Section:
 def passages(found: Sequence[ScoredHit], k: int, siblings: int) -> list[ScoredHit]:
     """One passage for each section among the best ``k`` chunks of ``found`` (ranked, best
     first), joined with up to ``siblings`` more chunks of those sections from deeper in the
-    ranking (best first, MAX_CHUNKS_PER_SECTION a section at most)."""
+    ranking (best first; a section takes one only while it has fewer than
+    MAX_CHUNKS_PER_SECTION)."""
     chosen: dict[Section, list[ScoredHit]] = {}
     for scored in found[:k]:
         chosen.setdefault(section(scored), []).append(scored)
