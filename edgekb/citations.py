@@ -4,33 +4,64 @@ The LLM is told to cite sources as [1], [2]; small models also write [7] with fo
 [source 2]. While the answer streams, text from a "[" is held back until the bracket closes
 (or clearly is no citation), then a citation's numbers are kept when they name a source and the
 bracket is dropped when none does. So the reader never sees a citation pointing at nothing,
-and never sees one appear and vanish. An answer that cites nothing although it is taken from
-one source gets that source's number at its end (``attribute``).
+and never sees one appear and vanish. An answer that cites nothing although its sentences are
+taken from the sources gets those sources' numbers at its end (``attribute``).
 """
 
 from __future__ import annotations
 
 import re
 
+from .retrieval import CJK, STOPWORDS, stem
+
 _CITATION = re.compile(r"\[\s*(?:sources?\s*)?(\d{1,3}(?:\s*[,;-]\s*\d{1,3})*)\s*\]",
                        re.IGNORECASE)
 _MAX_HELD = 24  # a bracket still open after this many characters is no citation
 
 
-# Share of an answer's words that must occur in a source for the engine to name it when the
-# model cited nothing (small models often copy the passage and forget the number).
+# Share of a sentence's content words that must occur in a source for the engine to name that
+# source when the model cited nothing (small models often copy a passage and forget its number).
 ATTRIBUTION_SHARE = 0.5
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])|\n+")
+_TERM = re.compile(r"\w[\w.\-/]*\w|\w")
 
 
-def attribute(answer: str, sources: list[str]) -> int | None:
-    """The 1-based source whose text holds the most of the answer's words, when it holds at
-    least ATTRIBUTION_SHARE of them: a citation computed from the text, so still checkable."""
-    words = {w for w in re.findall(r"\w{3,}", answer.lower())}
-    if not words or not sources:
-        return None
-    shares = [len(words & set(re.findall(r"\w{3,}", s.lower()))) / len(words) for s in sources]
-    best = max(range(len(shares)), key=shares.__getitem__)
-    return best + 1 if shares[best] >= ATTRIBUTION_SHARE else None
+def content_terms(text: str, cjk: bool = True) -> set[str]:
+    """Stemmed words that say something (no stopwords), numbers and identifiers whole,
+    CJK runs as bigrams (``cjk`` False: left out)."""
+    terms: set[str] = set()
+    for token in _TERM.findall(text.lower()):
+        if CJK.search(token):
+            if cjk:
+                runs = CJK.findall(token)
+                terms.update(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1)))
+        elif any(c.isdigit() for c in token) or (len(token) >= 3 and token not in STOPWORDS):
+            terms.add(stem(token))
+    return terms
+
+
+def attribute(answer: str, sources: list[str], question: str = "") -> list[int]:
+    """The 1-based sources an uncited answer was taken from, in the order its sentences use
+    them. A sentence goes to the source holding most of what it adds to the question (its
+    content words the question did not bring: every source found holds those), when that
+    source holds at least ATTRIBUTION_SHARE of all its content words. A sentence in Chinese
+    about English sources is judged by its identifiers and numbers, the words a translation
+    keeps. A citation computed from the text, so still checkable."""
+    cjk = any(CJK.search(s) for s in sources)
+    asked = content_terms(question, cjk)
+    held = [content_terms(s, cjk) for s in sources]
+    numbers: list[int] = []
+    for sentence in _SENTENCE_END.split(answer):
+        terms = content_terms(sentence, cjk)
+        added = terms - asked
+        if not added or not held:
+            continue  # a sentence that only repeats the question is evidence of nothing
+        best = max(range(len(held)),  # the higher-ranked source on a tie
+                   key=lambda i: (len(added & held[i]), len(terms & held[i])))
+        if (added & held[best] and len(terms & held[best]) / len(terms) >= ATTRIBUTION_SHARE
+                and best + 1 not in numbers):
+            numbers.append(best + 1)
+    return numbers
 
 
 def cited_numbers(text: str) -> set[int]:

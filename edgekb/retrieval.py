@@ -39,7 +39,7 @@ SHORT_QUERY_TERMS = 3
 
 _WORD = re.compile(r"[\w][\w.\-/]*[\w]|[\w]")
 _OPTION = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*")  # -H, -sf, --health: asked in its case
-_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
+CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
 _IDENTIFIER = re.compile(r"(?=.*[\d._\-/])[\w.\-/]{3,}")
 # Question words that say nothing about the answer; as bonus terms they only add noise.
 STOPWORDS = frozenset("""a an and are as at be by can do does for from how i if in is it my of on
@@ -62,14 +62,14 @@ class ScoredHit:
 def needs_translation(query: str) -> bool:
     """A CJK question: the default embedder is English-only, so it is also searched in
     English (the answer engine has the LLM translate it)."""
-    return bool(_CJK.search(query))
+    return bool(CJK.search(query))
 
 
 def query_terms(query: str) -> list[str]:
     seen: dict[str, None] = {}
     for word in _WORD.findall(query.lower()):
         word = word.strip(".-/")
-        if word and word not in STOPWORDS and not _CJK.search(word):
+        if word and word not in STOPWORDS and not CJK.search(word):
             seen.setdefault(word, None)
     return list(seen)
 
@@ -111,7 +111,7 @@ def _question(query: str) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[s
     asked = tuple(dict.fromkeys(_OPTION.findall(query)))
     letters = {o.lstrip("-").lower() for o in asked}
     terms = [t for t in query_terms(query) if t not in letters or len(t) > 2]
-    runs = _CJK.findall(query)
+    runs = CJK.findall(query)
     return (tuple(stem(t) for t in terms), tuple(t for t in terms if _IDENTIFIER.fullmatch(t)),
             frozenset(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1))),
             tuple(re.compile(r"(?<![\w-])" + re.escape(o) + r"(?![\w-])") for o in asked))
@@ -137,7 +137,7 @@ def fts_query(terms: Sequence[str]) -> str:
 
 
 def trigram_query(query: str) -> str:
-    grams = {run[i : i + 3] for run in _CJK.findall(query) for i in range(max(1, len(run) - 2))}
+    grams = {run[i : i + 3] for run in CJK.findall(query) for i in range(max(1, len(run) - 2))}
     return " OR ".join(f'"{g}"' for g in sorted(grams) if len(g) == 3)
 
 

@@ -48,5 +48,24 @@ def test_cited_numbers() -> None:
 
 def test_an_answer_copied_from_one_source_is_attributed_to_it() -> None:
     sources = ["Close the discharge valve, then hold RESET for 3 s.", "Grease every 500 h."]
-    assert attribute("Close the discharge valve and hold RESET for 3 s.", sources) == 1
-    assert attribute("The weather is nice today in Paris.", sources) is None
+    assert attribute("Close the discharge valve and hold RESET for 3 s.", sources) == [1]
+    assert attribute("The weather is nice today in Paris.", sources) == []
+
+
+def test_each_sentence_of_an_uncited_answer_goes_to_the_source_it_came_from() -> None:
+    sources = ["Grease the bearings every 500 h with EP2 grease.",
+               "Close the discharge valve, then hold RESET for 3 s."]
+    answer = "Hold RESET for 3 s after closing the discharge valve. Grease bearings every 500 h."
+    assert attribute(answer, sources) == [2, 1]
+
+
+def test_the_questions_own_words_are_no_evidence() -> None:
+    # Every source found for the question holds its words: only the rest of the answer tells.
+    sources = ["The minpoll directive sets the minimum polling interval.",
+               "minpoll 4 polls every 16 seconds; the default minpoll is 6 (64 seconds)."]
+    question = "What does the minpoll directive set?"
+    assert attribute("The minpoll directive sets the minimum polling interval.",
+                     sources, question) == [1]
+    assert attribute("The minpoll directive is 6 by default, 64 seconds.", sources,
+                     question) == [2]
+    assert attribute("The minpoll directive.", sources, question) == []
