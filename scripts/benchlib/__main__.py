@@ -61,7 +61,8 @@ EXPECTED = {
                 "batch_stream_ratio_4_min", "ttft_while_3_decode_ms", "batch_identical_answers",
                 "raw_batch_decode_ratio_4", "decode_ratio_threads1_followers0",
                 "decode_ratio_threads2_followers0"),
-    "memory": ("rss_startup_mb_1gb", "rss_peak_answer_mb_1gb", "rss_onnxruntime_mb",
+    "memory": ("rss_startup_mb_1gb", "rss_peak_answer_mb_1gb", "gc_full_collect_ms",
+               "gc_full_collect_ms_frozen", "rss_onnxruntime_mb",
                "rss_llm_weights_mb", "rss_llm_context_mb", "rss_state_cache_mb"),
 }
 

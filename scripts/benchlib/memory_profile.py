@@ -77,6 +77,23 @@ async def _answer_some(url: str, http: aiohttp.ClientSession, server: Any) -> No
     await until_idle(http, server)
 
 
+def _put_gc_pause(sheet: Sheet, data_dir: Path) -> None:
+    env = {k: v for k, v in {**edgekb_env(), **benchlib_env()}.items() if k != "EDGEKB_CONFIG"}
+    result = subprocess.run([sys.executable, "-m", "benchlib.gcpause", str(data_dir)], env=env,
+                            capture_output=True, text=True, timeout=600, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchlib.gcpause failed:\n{result.stderr[-3000:]}")
+    pause = json.loads(result.stdout.strip().splitlines()[-1])
+    sheet.put("gc_full_collect_ms", pause["full_collect_ms"],
+              f"a full garbage collection in a ready server (default settings, demo data): "
+              f"median of 5, max {pause['full_collect_ms_max']}; it walks "
+              f"{pause['tracked_objects']} start-up objects and holds the event loop meanwhile",
+              1)
+    sheet.put("gc_full_collect_ms_frozen", pause["full_collect_ms_frozen"],
+              f"the same after serve's freeze of the start-up heap "
+              f"({pause['frozen_objects']} objects): what a collection costs the loop now")
+
+
 async def run(sheet: Sheet, work: Path, quick: bool) -> None:
     demo = work / "memory-demo"
     ingest_demo(demo)
@@ -84,6 +101,8 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
     _put_breakdown(sheet, breakdown(demo, None), "", "default settings")
     log("memory: component breakdown, 1 GB board profile")
     _put_breakdown(sheet, breakdown(demo, PROFILE), "_1gb", "1 GB board profile")
+    log("memory: a full garbage collection in a ready server, with and without the freeze")
+    _put_gc_pause(sheet, demo)
     log("memory: a server with the 1 GB board profile")
     server = start_server(demo, work / "serve-1gb.log", "generation.temperature=0",
                           config=PROFILE)
