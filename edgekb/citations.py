@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from .retrieval import CJK, STOPWORDS, stem
+from .retrieval import CJK, STOPWORDS, WORD, cjk_bigrams, stem
 
 _CITATION = re.compile(r"\[\s*(?:sources?\s*)?(\d{1,3}(?:\s*[,;-]\s*\d{1,3})*)\s*\]",
                        re.IGNORECASE)
@@ -23,18 +23,16 @@ _MAX_HELD = 24  # a bracket still open after this many characters is no citation
 # source when the model cited nothing (small models often copy a passage and forget its number).
 ATTRIBUTION_SHARE = 0.5
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[\u3002\uff01\uff1f])|\n+")
-_TERM = re.compile(r"\w[\w.\-/]*\w|\w")
 
 
 def content_terms(text: str, cjk: bool = True) -> set[str]:
     """Stemmed words that say something (no stopwords), numbers and identifiers whole,
     CJK runs as bigrams (``cjk`` False: left out)."""
     terms: set[str] = set()
-    for token in _TERM.findall(text.lower()):
+    for token in WORD.findall(text.lower()):
         if CJK.search(token):
             if cjk:
-                runs = CJK.findall(token)
-                terms.update(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1)))
+                terms.update(cjk_bigrams(token))
         elif any(c.isdigit() for c in token) or (len(token) >= 3 and token not in STOPWORDS):
             terms.add(stem(token))
     return terms
@@ -51,10 +49,12 @@ def attribute(answer: str, sources: list[str], question: str = "") -> list[int]:
     asked = content_terms(question, cjk)
     held = [content_terms(s, cjk) for s in sources]
     numbers: list[int] = []
+    if not held:
+        return numbers
     for sentence in _SENTENCE_END.split(answer):
         terms = content_terms(sentence, cjk)
         added = terms - asked
-        if not added or not held:
+        if not added:
             continue  # a sentence that only repeats the question is evidence of nothing
         best = max(range(len(held)),  # the higher-ranked source on a tie
                    key=lambda i: (len(added & held[i]), len(terms & held[i])))

@@ -37,7 +37,7 @@ TRIGRAM_WEIGHT = 0.3      # x trigram BM25 relative to the best match (CJK quest
 BM25_WEIGHTS = {"identifier": 0.5, "short": 0.4, "long": 0.25}
 SHORT_QUERY_TERMS = 3
 
-_WORD = re.compile(r"[\w][\w.\-/]*[\w]|[\w]")
+WORD = re.compile(r"[\w][\w.\-/]*[\w]|[\w]")
 _OPTION = re.compile(r"(?<![\w-])--?[A-Za-z][\w-]*")  # -H, -sf, --health: asked in its case
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af]+")
 _IDENTIFIER = re.compile(r"(?=.*[\d._\-/])[\w.\-/]{3,}")
@@ -65,9 +65,14 @@ def needs_translation(query: str) -> bool:
     return bool(CJK.search(query))
 
 
+def cjk_bigrams(text: str) -> set[str]:
+    """The CJK runs of a text as overlapping character pairs (a lone character as itself)."""
+    return {run[i : i + 2] for run in CJK.findall(text) for i in range(max(1, len(run) - 1))}
+
+
 def query_terms(query: str) -> list[str]:
     seen: dict[str, None] = {}
-    for word in _WORD.findall(query.lower()):
+    for word in WORD.findall(query.lower()):
         word = word.strip(".-/")
         if word and word not in STOPWORDS and not CJK.search(word):
             seen.setdefault(word, None)
@@ -97,7 +102,7 @@ def stem(word: str) -> str:
 
 def words(text: str) -> set[str]:
     """Stemmed words of a lower-cased text, identifiers (`e-117`, `p0.08`) kept whole.
-    str.split, not _WORD: it runs on every candidate and the regex costs 3x more."""
+    str.split, not WORD: it runs on every candidate and the regex costs 3x more."""
     text = text.replace("'", " ").replace("\u2019", " ")  # gateway's -> gateway s, as in queries
     return {stem(w.strip(_EDGE)) for w in set(text.split())}
 
@@ -111,9 +116,8 @@ def _question(query: str) -> tuple[tuple[str, ...], tuple[str, ...], frozenset[s
     asked = tuple(dict.fromkeys(_OPTION.findall(query)))
     letters = {o.lstrip("-").lower() for o in asked}
     terms = [t for t in query_terms(query) if t not in letters or len(t) > 2]
-    runs = CJK.findall(query)
     return (tuple(stem(t) for t in terms), tuple(t for t in terms if _IDENTIFIER.fullmatch(t)),
-            frozenset(r[i : i + 2] for r in runs for i in range(max(1, len(r) - 1))),
+            frozenset(cjk_bigrams(query)),
             tuple(re.compile(r"(?<![\w-])" + re.escape(o) + r"(?![\w-])") for o in asked))
 
 

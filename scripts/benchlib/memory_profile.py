@@ -24,9 +24,13 @@ from .server import ask, connect, ingest_demo, start_server, until_idle
 PROFILE = Path(__file__).resolve().parents[2] / "edgekb" / "profiles" / "board-1gb.yaml"
 
 
+def _child_env() -> dict[str, str]:
+    """A benchlib child's environment, without a settings file of the caller's."""
+    return {k: v for k, v in {**edgekb_env(), **benchlib_env()}.items() if k != "EDGEKB_CONFIG"}
+
+
 def breakdown(data_dir: Path, config: Path | None) -> dict[str, Any]:
-    env = {**edgekb_env(), **benchlib_env()}
-    env = {k: v for k, v in env.items() if k != "EDGEKB_CONFIG"}
+    env = _child_env()
     if config is not None:
         env["EDGEKB_CONFIG"] = str(config)
     result = subprocess.run([sys.executable, "-m", "benchlib.memory", str(data_dir)], env=env,
@@ -78,8 +82,8 @@ async def _answer_some(url: str, http: aiohttp.ClientSession, server: Any) -> No
 
 
 def _put_gc_pause(sheet: Sheet, data_dir: Path) -> None:
-    env = {k: v for k, v in {**edgekb_env(), **benchlib_env()}.items() if k != "EDGEKB_CONFIG"}
-    result = subprocess.run([sys.executable, "-m", "benchlib.gcpause", str(data_dir)], env=env,
+    result = subprocess.run([sys.executable, "-m", "benchlib.gcpause", str(data_dir)],
+                            env=_child_env(),
                             capture_output=True, text=True, timeout=600, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"benchlib.gcpause failed:\n{result.stderr[-3000:]}")
