@@ -71,6 +71,18 @@ class Sheet:
         self.details[key] = value
 
 
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a process (or of one of its threads: the main thread,
+    tid == pid, runs the event loop), from /proc; 0.0 when it is gone."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    try:
+        with open(path) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_status_kb(pid: int, field_name: str) -> int:
     """A memory line of /proc/PID/status in KiB (VmRSS, VmHWM), 0 when the process is gone."""
     try:

@@ -22,7 +22,7 @@ import aiohttp
 
 from edgekb.events import text_digest
 
-from .common import benchlib_env, log, percentile, proc_status_kb
+from .common import benchlib_env, cpu_seconds, log, percentile, proc_status_kb
 from .server import Answer, Server, connect, follow, send_ask
 
 CONNECT_CONCURRENCY = 100
@@ -122,6 +122,7 @@ async def loop_lag(server: Server, http: aiohttp.ClientSession, question: str,
                                       for _ in range(followers - 1)))
         await asyncio.sleep(idle_window_s)  # pings with only idle connections: the baseline
         asked_at = time.monotonic()
+        cpu_before = _cpu(server.pid, pinger.pid)
         answer = await send_ask(first, "lag", question)
         await follow(first, "lag", answer, until="queued")
         resumed = []
@@ -131,6 +132,8 @@ async def loop_lag(server: Server, http: aiohttp.ClientSession, question: str,
         await asyncio.gather(follow(first, "lag", answer),
                              *(follow(ws, "lag", a) for (ws, _), a in zip(rest, resumed)))
         done_at = time.monotonic()
+        cpu_used = {name: round((after - cpu_before[name]) / (done_at - asked_at), 3)
+                    for name, after in _cpu(server.pid, pinger.pid).items()}
         for ws, _ in [(first, None), *rest]:
             await ws.close()
     finally:
@@ -150,7 +153,17 @@ async def loop_lag(server: Server, http: aiohttp.ClientSession, question: str,
             "worst_ended_ms_before_done": round((done_at - worst_at) * 1000 - worst, 1),
             "idle_p50_ms": percentile(idle, 50), "idle_p99_ms": percentile(idle, 99),
             "idle_samples": len(idle), "followers_complete": complete,
-            "followers": followers, "answer": answer}
+            "followers": followers, "answer": answer,
+            # Cores each part kept busy from the question to the last follower's done: the
+            # followers' clients and the pinger share the server's two cores in this bench.
+            "cores_busy": cpu_used}
+
+
+def _cpu(server_pid: int, pinger_pid: int | None) -> dict[str, float]:
+    return {"server": cpu_seconds(server_pid),
+            "server_event_loop": cpu_seconds(server_pid, server_pid),
+            "bench_clients": time.process_time(),
+            "pinger": cpu_seconds(pinger_pid) if pinger_pid else 0.0}
 
 
 def _complete(answer: Answer) -> bool:

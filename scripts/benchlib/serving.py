@@ -243,6 +243,14 @@ async def many_connections(sheet: Sheet, server: Server, quick: bool, question: 
                                                   raw_tokens_per_s),
               "tokens/s seen by the asking client while 100 follow / raw llama-cpp-python "
               "tokens/s of the same question measured earlier in the run; 1 answer")
+    busy = lag["cores_busy"]
+    sheet.put("fanout_event_loop_cores", busy["server_event_loop"],
+              "CPU seconds of the server's event-loop thread per wall second while 100 "
+              "connections follow one answer: what the fan-out takes from decoding", 3)
+    sheet.put("fanout_bench_client_cores", round(busy["bench_clients"] + busy["pinger"], 3),
+              "the same for this bench's own clients (the 100 followers, the idle "
+              "connections and the pinger), which share the server's cores here and would "
+              "run on the technicians' devices in the field", 3)
     sheet.detail("loop_lag", {**{k: round(v, 2) if isinstance(v, float) else v
                                  for k, v in lag.items()},
                               "idle_closed_by_server": closed})
