@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -134,12 +135,27 @@ async def _llm(app: web.Application) -> AsyncIterator[None]:
         app[keys.EMBEDDER].gate = gate.embedding
     answers = AnswerEngine(app[keys.STORE], searcher, builder, llm)
     app[keys.ANSWERS] = answers
+    warming = asyncio.create_task(_warm(answers))
     yield
+    warming.cancel()  # stops the read at its next step
+    await asyncio.gather(warming, return_exceptions=True)
     await _in_thread(answers.close)
     if isinstance(llm, RemoteLlm):
         await llm.aclose()
     else:
         await _in_thread(llm.close)
+
+
+async def _warm(answers: AnswerEngine) -> None:
+    started = time.perf_counter()
+    try:
+        read = await answers.warm()
+    except Exception:  # the answers themselves still work, only their first read is longer
+        log.exception("reading the shared prompt head failed")
+        return
+    if read:
+        log.info("read the prompt head every answer shares (%d tokens) into every slot in "
+                 "%.1f s", read, time.perf_counter() - started)
 
 
 async def _conversations(app: web.Application) -> AsyncIterator[None]:

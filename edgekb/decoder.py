@@ -87,6 +87,7 @@ class Job:
     sampling: Sampling | None = None
     stop: tuple[str, ...] = ()
     on_done: Callable[[int], None] | None = None  # pre-reading: called with tokens read
+    share: bool = False               # pre-reading: copy the KV read to every empty slot
     # Worker-side state.
     seq: int = -1
     read: int = 0                     # prompt tokens in the KV cache
@@ -274,7 +275,9 @@ class Decoder:
             self._decode()
             for job, row in zip(group, rows):
                 self._sampled(job, job.sampler.sample(self.context, row))  # type: ignore[union-attr]
-        reading = next((j for j in active if not j.finish and j.next_token < 0), None)
+        # A question's prompt before any pre-reading: that is idle work.
+        unread = [j for j in active if not j.finish and j.next_token < 0]
+        reading = next((j for j in unread if j.answers), unread[0] if unread else None)
         if reading is not None:
             self._read_chunk(reading, streaming=bool(writing))
 
@@ -342,10 +345,26 @@ class Decoder:
             # Keep the session's reusable prefix (the prompt's whole blocks read so far).
             self.context.truncate(job.seq, len(slot.tokens))
             self.save_state(job.cache_key, tuple(slot.tokens), self.context.save(job.seq))
+        if job.share and finish == "stop" and slot.tokens:
+            self._share(slot)
         slot.job = None
         slot.used_at = time.monotonic()
         if job.on_done is not None:
             job.on_done(job.read - job.cached)
+
+    def _share(self, source: Slot) -> None:
+        """Copy what ``source`` read (whole blocks) to every empty idle slot: the same KV
+        bits as reading it there, in a copy instead of a prompt read."""
+        self.context.truncate(source.seq, len(source.tokens))
+        data: bytes | None = None
+        for slot in self.slots:
+            if slot is source or slot.job is not None or slot.tokens:
+                continue
+            data = data if data is not None else self.context.save(source.seq)
+            if self.context.restore(slot.seq, data):
+                slot.tokens = list(source.tokens)
+            else:
+                self.context.truncate(slot.seq, 0)
 
     def _fail(self, job: Job, exc: BaseException) -> None:
         if job.finish:

@@ -166,6 +166,15 @@ class LlmEngine:
         ``cache_key``; stops between steps once ``cancel`` is set. Returns tokens read."""
         if not self.states.max_bytes:
             return 0  # without snapshots the next question of any session would undo it
+        return await self._preread(text, cache_key, cancel)
+
+    async def warm(self, text: str, cancel: threading.Event) -> int:
+        """Read ``text`` (the head every prompt starts with) once and copy its KV to every
+        empty slot: after a start, each slot's first question reads only what follows it."""
+        return await self._preread(text, None, cancel, share=True)
+
+    async def _preread(self, text: str, cache_key: str | None, cancel: threading.Event,
+                       share: bool = False) -> int:
         loop = asyncio.get_running_loop()
         tokens = await loop.run_in_executor(
             None, lambda: self.model.tokenize(text, add_bos=True))
@@ -176,7 +185,7 @@ class LlmEngine:
         def finished(read: int) -> None:
             loop.call_soon_threadsafe(lambda: done.done() or done.set_result(read))
 
-        self.decoder.submit(Job(tokens, cache_key, cancel, None, on_done=finished))
+        self.decoder.submit(Job(tokens, cache_key, cancel, None, on_done=finished, share=share))
         try:
             return await done
         finally:

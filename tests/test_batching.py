@@ -180,3 +180,67 @@ async def test_reading_progress_then_pieces_then_one_finished(engine) -> None:
     assert kinds.index("Piece") > max(i for i, k in enumerate(kinds) if k == "Reading")
     readings = [e for e in events if isinstance(e, Reading)]
     assert [r.done for r in readings] == sorted(r.done for r in readings)
+
+
+def fresh_engine(models_cache: Path, data_dir: Path) -> tuple[LlmEngine, PromptBuilder]:
+    """SmolLM2 with every slot empty, as after a start."""
+    name = "smollm2-135m"
+    fetch(models_cache, Catalog.load(default_manifest_path()).get(name))
+    settings = Settings(data_dir=data_dir,
+                        models=ModelsSettings(cache_dir=str(models_cache), llm=name),
+                        generation=GenerationSettings(max_tokens=MAX_TOKENS, slots=SLOTS))
+    llm, entry = load_llm(settings, Catalog.load(default_manifest_path()))
+    assert isinstance(llm, LlmEngine)
+    return llm, prompt_builder(settings, llm, entry)
+
+
+async def test_a_warm_start_gives_every_slot_the_shared_head(models_cache: Path,
+                                                             tmp_path: Path) -> None:
+    """After a start the head every prompt shares is read once into every slot: four
+    questions asked at once each skip it, and their greedy answers stay those of a cold start."""
+    cold_llm, builder = fresh_engine(models_cache, tmp_path / "cold")
+    try:
+        cold = await asyncio.gather(*(run(cold_llm, request(builder, n))
+                                      for n in range(SLOTS)))
+    finally:
+        cold_llm.close()
+    warm_llm, builder = fresh_engine(models_cache, tmp_path / "warm")
+    try:
+        head = builder.head([])
+        read = await warm_llm.warm(head, threading.Event())
+        head_tokens = warm_llm.count_tokens(head)
+        warm = await asyncio.gather(*(run(warm_llm, request(builder, n))
+                                      for n in range(SLOTS)))
+    finally:
+        warm_llm.close()
+    assert read >= head_tokens - 1
+    assert [f.cached_tokens for _, f in cold] == [0] * SLOTS
+    # All of the head but its partial last block (16 tokens), in every slot.
+    assert all(f.cached_tokens >= read - 16 for _, f in warm), [f.cached_tokens for _, f in warm]
+    assert [text for text, _ in warm] == [text for text, _ in cold]
+
+
+async def test_a_question_is_read_before_idle_pre_reading(models_cache: Path,
+                                                          tmp_path: Path) -> None:
+    """A long pre-read already under way does not hold up a question: its prompt is read
+    first and its answer starts while the pre-read goes on between decode steps."""
+    llm, builder = fresh_engine(models_cache, tmp_path / "d")
+    loop = asyncio.get_running_loop()
+    try:
+        long_head = builder.head([], [hit_of(n) for n in range(len(QUESTIONS))])
+
+        async def pre_read() -> float:
+            assert await llm.prefill(long_head, "session-p", threading.Event()) > 0
+            return loop.time()
+
+        reading = asyncio.create_task(pre_read())
+        await asyncio.sleep(0.05)  # the pre-read is admitted and under way
+        first_piece_at = None
+        async for event in llm.stream(request(builder, 3)):
+            if isinstance(event, Piece) and first_piece_at is None:
+                first_piece_at = loop.time()
+        pre_read_done_at = await reading
+    finally:
+        llm.close()
+    assert first_piece_at is not None
+    assert first_piece_at < pre_read_done_at
