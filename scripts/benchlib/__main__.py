@@ -59,6 +59,7 @@ EXPECTED = {
                 "rss_per_idle_conn_kb", "loop_lag_p99_ms", "fanout_event_loop_cores",
                 "fanout_bench_client_cores", "rss_startup_mb", "startup_s",
                 "rss_peak_answer_mb", "batch_throughput_ratio_2", "batch_throughput_ratio_4",
+                "batch_throughput_ceiling_4",
                 "batch_stream_ratio_4_min", "ttft_while_3_decode_ms", "batch_identical_answers",
                 "raw_batch_decode_ratio_4", "decode_ratio_threads1_followers0",
                 "decode_ratio_threads2_followers0"),
