@@ -72,9 +72,11 @@ async def stream_pairs(server: Server, raw: RawLlm, prompts: list[BuiltPrompt]
     return pairs
 
 
-async def follow_ups(server: Server, count: int) -> list[Answer]:
-    """The third answer of each of ``count`` three-question conversations, another session's
-    question asked before each third one, and a pause until the server is idle (users read).
+async def follow_ups(server: Server, count: int, slots: int) -> list[Answer]:
+    """The third answer of each of ``count`` three-question conversations, ``slots`` other
+    sessions asking at once before each third one (so every slot holds another prompt: only
+    a KV snapshot can bring the conversation's back), and a pause until the server is idle
+    (users read).
 
     Run first on a freshly started server: the two servers then do exactly the same work up to
     each third question, so the conversations' earlier answers, and thus the third prompts, are
@@ -86,11 +88,14 @@ async def follow_ups(server: Server, count: int) -> list[Answer]:
             ws, _ = await connect(http, server.ws_url)
             await ask(ws, f"f{number}-1", questions[0])
             await ask(ws, f"f{number}-2", questions[1])
-            other, _ = await connect(http, server.ws_url)
-            await ask(other, f"f{number}-x", INTERLEAVED)
-            await until_idle(http, server)  # both users read their answers
+            others = [o for o, _ in await asyncio.gather(*(connect(http, server.ws_url)
+                                                           for _ in range(slots)))]
+            await asyncio.gather(*(ask(o, f"f{number}-x{i}", INTERLEAVED)
+                                   for i, o in enumerate(others)))
+            await until_idle(http, server)  # the users read their answers
             thirds.append(await ask(ws, f"f{number}-3", questions[2]))
-            await other.close()
+            for o in others:
+                await o.close()
             await ws.close()
     return thirds
 
@@ -172,13 +177,14 @@ def record_follow_up(sheet: Sheet, reuse: list[Answer], fresh: list[Answer]) -> 
                 "client_tokens_per_s": a.client_tokens_per_s(),
                 "worker_tokens_per_s": done["timings"].get("tokens_per_s"), **done["usage"]}
 
-    # Only conversations whose third prompt is the same on both servers compare.
+    # Only conversations whose third prompt is the same on both servers compare, and only
+    # those the LLM answered (a "not covered" answer reads no prompt).
     same = [(a, b) for a, b in zip(reuse, fresh)
-            if a.done["usage"]["prompt_tokens"] == b.done["usage"]["prompt_tokens"]]
+            if a.done["usage"]["prompt_tokens"] == b.done["usage"]["prompt_tokens"] > 0]
     sheet.put("followup_ttft_ratio", median([a.ttft_ms / b.ttft_ms for a, b in same])
               if same else None,
-              f"TTFT of the 3rd question of a conversation (another session asked in between, "
-              f"then a pause until the server was idle) "
+              f"TTFT of the 3rd question of a conversation (as many other sessions as there "
+              f"are slots asked at once in between, then a pause until the server was idle) "
               f"on the default server (its KV state cache restores the session's prefix) / the "
               f"same question with the same prompt on a server with "
               f"generation.state_cache_mb=0; median over {len(same)} of {len(reuse)} "
@@ -276,7 +282,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
             sheet.put("rss_startup_mb", main.rss_ready_kb / 1024,
                       "server VmRSS when it printed the ready line; 1 run", 1)
             log("follow-up: with prefix reuse (first, on the fresh server)")
-            reuse = await follow_ups(main, conversations)
+            reuse = await follow_ups(main, conversations, settings.generation.slots)
             log("stream: server and raw llama-cpp-python, question by question")
             pairs = await stream_pairs(main, raw, prompts)
             record_stream(sheet, pairs)
@@ -322,7 +328,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
                            "server.compress=true", "generation.state_cache_mb=0")
         try:
             log("follow-up: without prefix reuse (first, on the fresh server)")
-            fresh = await follow_ups(alt, conversations)
+            fresh = await follow_ups(alt, conversations, settings.generation.slots)
             record_follow_up(sheet, reuse, fresh)
             log("wire: one answer with permessage-deflate")
             deflated = await wire.answer_bytes(alt.port, QUESTIONS[0], 15, alt.headers)
