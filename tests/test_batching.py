@@ -31,16 +31,23 @@ MAX_TOKENS = 48
 SLOTS = 4
 
 
-@pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
-def engine(request: pytest.FixtureRequest, models_cache: Path, tmp_path_factory
-           ) -> tuple[LlmEngine, PromptBuilder]:
-    fetch(models_cache, Catalog.load(default_manifest_path()).get(request.param))
-    settings = Settings(data_dir=tmp_path_factory.mktemp("b"),
-                        models=ModelsSettings(cache_dir=str(models_cache), llm=request.param),
+def load_engine(name: str, models_cache: Path, data_dir: Path
+                ) -> tuple[LlmEngine, PromptBuilder]:
+    """A new engine of that model: every slot empty, as after a start."""
+    fetch(models_cache, Catalog.load(default_manifest_path()).get(name))
+    settings = Settings(data_dir=data_dir,
+                        models=ModelsSettings(cache_dir=str(models_cache), llm=name),
                         generation=GenerationSettings(max_tokens=MAX_TOKENS, slots=SLOTS))
     llm, entry = load_llm(settings, Catalog.load(default_manifest_path()))
     assert isinstance(llm, LlmEngine)
-    yield llm, prompt_builder(settings, llm, entry)
+    return llm, prompt_builder(settings, llm, entry)
+
+
+@pytest.fixture(scope="module", params=["gemma3-270m", "smollm2-135m"])
+def engine(request: pytest.FixtureRequest, models_cache: Path, tmp_path_factory
+           ) -> tuple[LlmEngine, PromptBuilder]:
+    llm, builder = load_engine(request.param, models_cache, tmp_path_factory.mktemp("b"))
+    yield llm, builder
     llm.close()
 
 
@@ -182,29 +189,17 @@ async def test_reading_progress_then_pieces_then_one_finished(engine) -> None:
     assert [r.done for r in readings] == sorted(r.done for r in readings)
 
 
-def fresh_engine(models_cache: Path, data_dir: Path) -> tuple[LlmEngine, PromptBuilder]:
-    """SmolLM2 with every slot empty, as after a start."""
-    name = "smollm2-135m"
-    fetch(models_cache, Catalog.load(default_manifest_path()).get(name))
-    settings = Settings(data_dir=data_dir,
-                        models=ModelsSettings(cache_dir=str(models_cache), llm=name),
-                        generation=GenerationSettings(max_tokens=MAX_TOKENS, slots=SLOTS))
-    llm, entry = load_llm(settings, Catalog.load(default_manifest_path()))
-    assert isinstance(llm, LlmEngine)
-    return llm, prompt_builder(settings, llm, entry)
-
-
 async def test_a_warm_start_gives_every_slot_the_shared_head(models_cache: Path,
                                                              tmp_path: Path) -> None:
     """After a start the head every prompt shares is read once into every slot: four
     questions asked at once each skip it, and their greedy answers stay those of a cold start."""
-    cold_llm, builder = fresh_engine(models_cache, tmp_path / "cold")
+    cold_llm, builder = load_engine("smollm2-135m", models_cache, tmp_path / "cold")
     try:
         cold = await asyncio.gather(*(run(cold_llm, request(builder, n))
                                       for n in range(SLOTS)))
     finally:
         cold_llm.close()
-    warm_llm, builder = fresh_engine(models_cache, tmp_path / "warm")
+    warm_llm, builder = load_engine("smollm2-135m", models_cache, tmp_path / "warm")
     try:
         head = builder.head([])
         read = await warm_llm.warm(head, threading.Event())
@@ -224,7 +219,7 @@ async def test_a_question_is_read_before_idle_pre_reading(models_cache: Path,
                                                           tmp_path: Path) -> None:
     """A long pre-read already under way does not hold up a question: its prompt is read
     first and its answer starts while the pre-read goes on between decode steps."""
-    llm, builder = fresh_engine(models_cache, tmp_path / "d")
+    llm, builder = load_engine("smollm2-135m", models_cache, tmp_path / "d")
     loop = asyncio.get_running_loop()
     try:
         long_head = builder.head([], [hit_of(n) for n in range(len(QUESTIONS))])
@@ -234,7 +229,12 @@ async def test_a_question_is_read_before_idle_pre_reading(models_cache: Path,
             return loop.time()
 
         reading = asyncio.create_task(pre_read())
-        await asyncio.sleep(0.05)  # the pre-read is admitted and under way
+        for _ in range(200):  # bounded: 10 s until the worker has admitted the pre-read
+            if any(slot.job is not None for slot in llm.decoder.slots):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the pre-read never started")
         first_piece_at = None
         async for event in llm.stream(request(builder, 3)):
             if isinstance(event, Piece) and first_piece_at is None:

@@ -159,11 +159,11 @@ async def loop_lag(server: Server, http: aiohttp.ClientSession, question: str,
             "cores_busy": cpu_used}
 
 
-def _cpu(server_pid: int, pinger_pid: int | None) -> dict[str, float]:
+def _cpu(server_pid: int, pinger_pid: int) -> dict[str, float]:
     return {"server": cpu_seconds(server_pid),
             "server_event_loop": cpu_seconds(server_pid, server_pid),
             "bench_clients": time.process_time(),
-            "pinger": cpu_seconds(pinger_pid) if pinger_pid else 0.0}
+            "pinger": cpu_seconds(pinger_pid)}
 
 
 def _complete(answer: Answer) -> bool:
