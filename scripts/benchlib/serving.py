@@ -208,8 +208,13 @@ async def many_connections(sheet: Sheet, server: Server, quick: bool, question: 
         log("connections: 1,000 idle connections to the server")
         per = {1000: await connections.idle_growth_kb(server.pid, server.ws_url, http, pool,
                                                       1000, settle)}
-        log("connections: loop lag while 100 connections follow one answer")
+        # The same answer alone just before and after, on the same server with the same idle
+        # connections: this baseline moves with the VM's speed, the raw run minutes earlier
+        # does not (on 2026-12-04 one VM's solo decode went from 25 to 36 tok/s within minutes).
+        log("connections: the answer alone, then while 100 connections follow it, then alone")
+        alone = [await connections.loop_lag(server, http, question, 1, 1.0)]
         lag = await connections.loop_lag(server, http, question, 100, 2.0)
+        alone.append(await connections.loop_lag(server, http, question, 1, 1.0))
         if five_k:
             log("connections: 5,000 idle connections to the server")
             per[5000] = await connections.idle_growth_kb(server.pid, server.ws_url, http, pool,
@@ -249,6 +254,13 @@ async def many_connections(sheet: Sheet, server: Server, quick: bool, question: 
                                                   raw_tokens_per_s),
               "tokens/s seen by the asking client while 100 follow / raw llama-cpp-python "
               "tokens/s of the same question measured earlier in the run; 1 answer")
+    alone_tps = [tps for a in alone if (tps := a["answer"].client_tokens_per_s()) is not None]
+    sheet.put("stream_ratio_100_followers_paired",
+              ratio(answer.client_tokens_per_s(), median(alone_tps))
+              if len(alone_tps) == len(alone) else None,
+              "the same tokens/s / the mean of the same answer asked alone just before and "
+              "just after (no followers, the same 1,000 idle connections and pinger): the "
+              "fan-out's own cost, without the VM's drift between phases; 1 answer each")
     busy = lag["cores_busy"]
     sheet.put("fanout_event_loop_cores", busy["server_event_loop"],
               "CPU seconds of the server's event-loop thread per wall second while 100 "
