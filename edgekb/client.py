@@ -47,6 +47,18 @@ def websocket_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, parts.path or "/ws", "", ""))
 
 
+def done_summary(done: dict[str, Any]) -> str:
+    """"stop; first token after 812.0 ms, 24.1 tokens/s", leaving out what the answer has
+    not got: a "not covered" answer is written without the LLM, so it has no tokens/s."""
+    timings = done.get("timings", {})
+    parts = [str(done.get("finish"))]
+    if timings.get("ttft_ms") is not None:
+        parts.append(f"first token after {timings['ttft_ms']} ms")
+    if timings.get("tokens_per_s") is not None:
+        parts.append(f"{timings['tokens_per_s']} tokens/s")
+    return parts[0] + ("; " + ", ".join(parts[1:]) if parts[1:] else "")
+
+
 class AnswerPrinter:
     """Human output: sources first, then the answer as it streams; the rest on stderr."""
 
@@ -76,10 +88,8 @@ class AnswerPrinter:
         elif kind == "hint" and message.get("kind") == "see_also" and message.get("sources"):
             self.see_also = message["sources"][0]
         elif kind == "done":
-            timings = message.get("timings", {})
             self.out.write("\n")
-            self.err.write(f"-- {message['finish']}; first token after "
-                           f"{timings.get('ttft_ms')} ms, {timings.get('tokens_per_s')} tokens/s\n")
+            self.err.write(f"-- {done_summary(message)}\n")
             if self.see_also:
                 where = f", {self.see_also['where']}" if self.see_also.get("where") else ""
                 self.err.write(f"-- see also: {self.see_also.get('title')}{where}\n")

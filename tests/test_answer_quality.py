@@ -87,3 +87,15 @@ async def test_question_no_manual_covers_is_answered_without_the_llm(server: Ser
     assert "upsmon.conf" in text and "Frequently Asked Questions" in text  # what was searched
     assert not sources_of(events)
     assert done["finish"] == "stop" and not done["usage"].get("completion_tokens")
+
+
+def test_edgekb_ask_shows_a_not_covered_answer_without_an_empty_speed(
+        server: Server, models_cache: Path) -> None:
+    # Written without the LLM, it has no tokens/s: the summary line must not say "None".
+    result = run_edgekb(["ask", "--url", server.ws_url, "Which torque do the forklift's wheel "
+                         "nuts need?"], edgekb_env(models_cache, EDGEKB_TOKEN=server.token),
+                        timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The manuals do not cover this."), result.stdout
+    summary = next(line for line in result.stderr.splitlines() if line.startswith("-- stop"))
+    assert re.fullmatch(r"-- stop; first token after [\d.]+ ms", summary), summary
