@@ -1,18 +1,26 @@
-"""Which LLM a board gets when ``models.llm`` is ``auto``: chosen from the memory it has.
+"""What a board gets by default, chosen from the memory it has: the LLM when ``models.llm`` is
+``auto``, and the generation settings.
 
 On a 1 GB board the 0.5B model (about 610 MB resident) beside the embedder, the server and the
 OS leaves too little; the small model there, the bigger one from ``models.small_board_mb`` up
-(README, Models, has the figures). An explicit model name always wins.
+(README, Models, has the figures). Four slots' KV caches and the default state cache would
+still take SmolLM2 past a 1 GB board's budget, so such a board starts from the generation
+settings of profiles/board-1gb.yaml. An explicit setting always wins.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from .config import Settings
+import yaml
+
+if TYPE_CHECKING:  # config builds its defaults from this module
+    from .config import Settings
 
 AUTO = "auto"
 MEMINFO = Path("/proc/meminfo")
+SMALL_BOARD_PROFILE = Path(__file__).with_name("profiles") / "board-1gb.yaml"
 
 
 def memory_mb(meminfo: Path = MEMINFO) -> int | None:
@@ -38,3 +46,17 @@ def llm_name(settings: Settings, meminfo: Path = MEMINFO) -> str:
     if settings.models.llm != AUTO:
         return settings.models.llm
     return llm_for_memory(settings, memory_mb(meminfo))
+
+
+def small_board_defaults(small_board_mb: int, meminfo: Path = MEMINFO
+                         ) -> tuple[str, dict[str, Any]] | None:
+    """(where from, settings tree) of the defaults a board below ``small_board_mb`` starts
+    from, or None on a bigger board (or where the memory is unknown). Only the profile's
+    generation settings: its ``models.llm`` is for ``--config`` on any machine, while here
+    ``models.llm: auto`` already picks ``models.llm_small_board``, which a user may change."""
+    total_mb = memory_mb(meminfo)
+    if total_mb is None or total_mb >= small_board_mb:
+        return None
+    profile = yaml.safe_load(SMALL_BOARD_PROFILE.read_text(encoding="utf-8"))
+    return (f"{SMALL_BOARD_PROFILE} (the defaults of a board with {total_mb} MiB)",
+            {"generation": profile["generation"]})

@@ -1,4 +1,5 @@
-"""Settings: built-in defaults < YAML file < ``EDGEKB_*`` environment < command-line overrides.
+"""Settings: built-in defaults (a small board's own, boards.py) < YAML file < ``EDGEKB_*``
+environment < command-line overrides.
 
 The schema is the dataclasses below; ``default_config.yaml`` next to this module documents every
 key with the same defaults (a test keeps the two in step). Adding a section is one dataclass plus
@@ -20,6 +21,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from edgekb import boards
 from edgekb.errors import ConfigError
 from edgekb.logs import FORMATS as LOG_FORMATS
 from edgekb.logs import LEVELS as LOG_LEVELS
@@ -451,8 +453,8 @@ def _read_file(path: Path) -> dict[str, Any]:
     if tree is None:  # an empty file, or one with every line commented out
         return {}
     if not isinstance(tree, dict):
-        raise ConfigError([f"{path}: the top level must be a mapping of keys, "
-                           f"got {type(tree).__name__}"], str(path))
+        raise ConfigError([(f"{path}: the top level must be a mapping of keys, "
+                            f"got {type(tree).__name__}")], str(path))
     return tree
 
 
@@ -492,24 +494,38 @@ def _apply_overrides(overrides: Mapping[str, Any], layer: _Layer) -> None:
 
 
 def load_settings(config_file: Path | None = None, env: Mapping[str, str] | None = None,
-                  overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Merge every source of settings; raise ConfigError listing every problem found."""
+                  overrides: Mapping[str, Any] | None = None,
+                  meminfo: Path = boards.MEMINFO) -> Settings:
+    """Merge every source of settings; raise ConfigError listing every problem found.
+
+    On a board with less memory than ``models.small_board_mb`` the built-in defaults are the
+    small-board profile's (boards.small_board_defaults); every source above still wins."""
     env = os.environ if env is None else env
     if config_file is None and env.get(ENV_CONFIG):
         config_file = Path(env[ENV_CONFIG])
+    sources: list[tuple[str, Callable[[_Layer], None]]] = []
+    if config_file is not None:
+        path = _absolute(config_file)
+        tree = _read_file(path)
+        sources.append((str(path), lambda layer: _apply_file(tree, layer)))
+    sources.append(("the environment", lambda layer: _apply_env(env, layer)))
+    sources.append(("the command line", lambda layer: _apply_overrides(overrides or {}, layer)))
+    settings = _merge(sources)
+    board = boards.small_board_defaults(settings.models.small_board_mb, meminfo)
+    if board is None:
+        return settings
+    label, defaults = board
+    return _merge([(label, lambda layer: _apply_file(defaults, layer)), *sources])
+
+
+def _merge(sources: list[tuple[str, Callable[[_Layer], None]]]) -> Settings:
+    """The built-in defaults, then each source in turn."""
     schema = _schema()
     values = {key: default for key, (_, default) in schema.items()}
     layers: list[tuple[str, _Layer]] = []
-
-    def layer(source: str) -> _Layer:
+    for source, apply in sources:
         layers.append((source, _Layer(schema, values)))
-        return layers[-1][1]
-
-    if config_file is not None:
-        path = _absolute(config_file)
-        _apply_file(_read_file(path), layer(str(path)))
-    _apply_env(env, layer("the environment"))
-    _apply_overrides(overrides or {}, layer("the command line"))
+        apply(layers[-1][1])
     problems = [problem for _, each in layers for problem in each.problems]
     for key, other in _LESS_THAN.items():
         if values[key] >= values[other]:

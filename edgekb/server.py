@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from . import keys, retention
+from . import boards, keys, retention
 from .app import create_app
 from .backup import before_migrating
 from .config import Settings
@@ -46,6 +46,11 @@ async def serve(settings: Settings) -> None:
     notifier = Notifier.from_env()
     watchdog = Watchdog(notifier, watchdog_interval_s())
     watchdog.start()  # model loading runs in threads: the loop stays free to ping
+    board = boards.small_board_defaults(settings.models.small_board_mb)
+    if board is not None:  # why this server writes fewer answers at once than a bigger one
+        log.info("defaults of a small board from %s: generation.slots=%d, "
+                 "generation.state_cache_mb=%d", board[0], settings.generation.slots,
+                 settings.generation.state_cache_mb)
     try:
         with exclusive(settings.data_dir, "edgekb serve"):
             await _prepare_database(settings, notifier)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import charset_normalizer
@@ -95,6 +95,17 @@ def _sniff_legacy(sample: bytes) -> str | None:
     return best.encoding if best.chaos <= _MAX_CHAOS else None
 
 
+def _candidate_codecs(sample: bytes, declared: str | None) -> Iterator[str | None]:
+    """Charsets to try, in order. A generator: each sniff walks the sample in Python (the CJK
+    one was 1.6 % of a Markdown folder's ingest time) and runs only when what came before it
+    failed to decode, and almost every file is UTF-8."""
+    yield declared
+    yield "utf-8"
+    yield _sniff_cjk(sample)
+    yield _sniff_legacy(sample)
+    yield "cp1252"
+
+
 def decode_text(path: Path, data: bytes, declared: str | None = None) -> str:
     """Bytes -> text: BOM, then the declared charset, UTF-8, GB18030/Big5, the legacy
     charset charset-normalizer finds, Windows-1252."""
@@ -104,15 +115,7 @@ def decode_text(path: Path, data: bytes, declared: str | None = None) -> str:
     if _looks_binary(data[:_SNIFF_BYTES]):
         raise UnsupportedFormat(f"{path.name}: looks like a binary file, not text")
     declared = _ALIASES.get(declared.lower(), declared) if declared else None
-    guesses = [declared, "utf-8", _sniff_cjk(data[:_SNIFF_BYTES])]
-    for codec in guesses:
-        if codec is None:
-            continue
-        try:
-            return data.decode(codec)
-        except (UnicodeDecodeError, LookupError):
-            continue
-    for codec in (_sniff_legacy(data[:_SNIFF_BYTES]), "cp1252"):
+    for codec in _candidate_codecs(data[:_SNIFF_BYTES], declared):
         if codec is None:
             continue
         try:

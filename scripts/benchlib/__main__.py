@@ -51,7 +51,7 @@ CLIENT_NOFILE = 12_000
 EXPECTED = {
     "index": ("query_p50_ms_10k", "query_p99_ms_10k", "recall_at_5_10k",
               "query_p99_ms_embed_10k"),
-    "ingest": ("embed_ratio", "rss_peak_ingest_mb"),
+    "ingest": ("embed_ratio", "embed_ratio_min", "rss_peak_ingest_mb"),
     "retrieval": ("hit_at_3_hybrid", "hit_at_3_vector", "hit_at_3_keyword"),
     "serving": ("stream_ratio", "ttft_overhead_ms", "prompt_read_ratio", "followup_ttft_ratio",
                 "queue_position_ms_max", "wire_bytes_ratio", "wire_bytes_ratio_compressed",

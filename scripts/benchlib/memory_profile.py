@@ -1,7 +1,8 @@
-"""Memory: where it goes (benchlib.memory, component by component) and the 1 GB board profile.
+"""Memory: where it goes (benchlib.memory, component by component) and on a 1 GB board.
 
-Two breakdowns, each in a process of its own: the default settings, and the 1 GB board profile
-(edgekb/profiles/board-1gb.yaml). Then a real server with that profile: VmRSS when it is ready,
+Two breakdowns, each in a process of its own: the default settings on this machine, and what a
+1 GB board gets by default (the small-board LLM and edgekb/profiles/board-1gb.yaml's generation
+settings, boards.py). Then a real server with a 1 GB board's defaults: VmRSS when it is ready,
 and VmHWM after it answered the demo questions (new sessions, follow-ups, several at once),
 against the targets of a 1 GB board.
 """
@@ -21,7 +22,9 @@ from .common import Sheet, benchlib_env, edgekb_env, log
 from .llm import FOLLOW_UPS, QUESTIONS
 from .server import ask, connect, ingest_demo, start_server, until_idle
 
-PROFILE = Path(__file__).resolve().parents[2] / "edgekb" / "profiles" / "board-1gb.yaml"
+# This VM has far more memory: with the threshold above it, edgekb chooses its defaults as it
+# does on a board below models.small_board_mb.
+SMALL_BOARD = "models.small_board_mb=100000000"
 
 
 def _child_env() -> dict[str, str]:
@@ -29,12 +32,10 @@ def _child_env() -> dict[str, str]:
     return {k: v for k, v in {**edgekb_env(), **benchlib_env()}.items() if k != "EDGEKB_CONFIG"}
 
 
-def breakdown(data_dir: Path, config: Path | None) -> dict[str, Any]:
-    env = _child_env()
-    if config is not None:
-        env["EDGEKB_CONFIG"] = str(config)
-    result = subprocess.run([sys.executable, "-m", "benchlib.memory", str(data_dir)], env=env,
-                            capture_output=True, text=True, timeout=900, check=False)
+def breakdown(data_dir: Path, *settings: str) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, "-m", "benchlib.memory", str(data_dir), *settings],
+                            env=_child_env(), capture_output=True, text=True, timeout=900,
+                            check=False)
     if result.returncode != 0:
         raise RuntimeError(f"benchlib.memory failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -102,21 +103,21 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
     demo = work / "memory-demo"
     ingest_demo(demo)
     log("memory: component breakdown, default settings")
-    _put_breakdown(sheet, breakdown(demo, None), "", "default settings")
-    log("memory: component breakdown, 1 GB board profile")
-    _put_breakdown(sheet, breakdown(demo, PROFILE), "_1gb", "1 GB board profile")
+    _put_breakdown(sheet, breakdown(demo), "", "default settings")
+    log("memory: component breakdown, a 1 GB board's defaults")
+    _put_breakdown(sheet, breakdown(demo, SMALL_BOARD), "_1gb", "a 1 GB board's defaults")
     log("memory: a full garbage collection in a ready server, with and without the freeze")
     _put_gc_pause(sheet, demo)
-    log("memory: a server with the 1 GB board profile")
-    server = start_server(demo, work / "serve-1gb.log", "generation.temperature=0",
-                          config=PROFILE)
+    log("memory: a server with a 1 GB board's defaults")
+    server = start_server(demo, work / "serve-1gb.log", "generation.temperature=0", SMALL_BOARD)
+    board = "a 1 GB board's defaults (the small-board LLM, board-1gb.yaml's generation settings)"
     try:
         sheet.put("rss_startup_mb_1gb", server.rss_ready_kb / 1024,
-                  f"server VmRSS at its ready line with {PROFILE.name}; 1 run", 1)
+                  f"server VmRSS at its ready line with {board}; 1 run", 1)
         async with aiohttp.ClientSession(headers=server.headers) as http:
             await _answer_some(server.ws_url, http, server)
         sheet.put("rss_peak_answer_mb_1gb", server.hwm_kb() / 1024,
-                  f"server VmHWM with {PROFILE.name} after 3 answers of one conversation and "
-                  "4 questions at once; 1 run", 1)
+                  f"server VmHWM with {board} after 3 answers of one conversation and 4 "
+                  "questions at once; 1 run", 1)
     finally:
         server.stop()

@@ -44,6 +44,7 @@ from .server import (
 
 DETERMINISTIC = ("generation.temperature=0",)
 QUEUE_CLIENTS = 3
+FANOUT_ROUNDS = 3
 FD_MARGIN = 500  # descriptors beyond the idle connections: followers, files, libraries
 
 
@@ -193,8 +194,17 @@ def record_follow_up(sheet: Sheet, reuse: list[Answer], fresh: list[Answer]) -> 
                               "no_reuse": [usage(a) for a in fresh]})
 
 
-async def many_connections(sheet: Sheet, server: Server, quick: bool, question: str,
-                           raw_tokens_per_s: float | None) -> None:
+def _median_between(values: list[float | None], around: list[float | None]) -> float | None:
+    """Median over i of values[i] / the mean of around[i] and around[i + 1]; None if any
+    figure is missing."""
+    if None in values or None in around:
+        return None
+    return median([v / ((around[i] + around[i + 1]) / 2)  # type: ignore[operator]
+                   for i, v in enumerate(values)])
+
+
+async def many_connections(sheet: Sheet, server: Server, quick: bool, raw: RawLlm,
+                           prompt: BuiltPrompt) -> None:
     # This process and the servers (which inherit it) share one open-file limit.
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     if limit < 1000 + FD_MARGIN:
@@ -208,13 +218,22 @@ async def many_connections(sheet: Sheet, server: Server, quick: bool, question: 
         log("connections: 1,000 idle connections to the server")
         per = {1000: await connections.idle_growth_kb(server.pid, server.ws_url, http, pool,
                                                       1000, settle)}
-        # The same answer alone just before and after, on the same server with the same idle
-        # connections: this baseline moves with the VM's speed, the raw run minutes earlier
-        # does not (on 2026-12-04 one VM's solo decode went from 25 to 36 tok/s within minutes).
-        log("connections: the answer alone, then while 100 connections follow it, then alone")
-        alone = [await connections.loop_lag(server, http, question, 1, 1.0)]
-        lag = await connections.loop_lag(server, http, question, 100, 2.0)
-        alone.append(await connections.loop_lag(server, http, question, 1, 1.0))
+        # Each answer with followers lies between the same answer alone on the same server
+        # (same idle connections) and between two raw llama-cpp-python runs of its prompt (in
+        # a thread: the idle connections keep answering the server's heartbeats). Back to
+        # back, raw alone decodes at 24-36 tok/s on this VM, so one pair says little: rounds.
+        log(f"connections: {FANOUT_ROUNDS} rounds of the answer while 100 connections follow "
+            "it, each between the answer alone and raw llama-cpp-python")
+        question = prompt.question
+        raw_tps = [(await asyncio.to_thread(raw.run, prompt, 0)).tokens_per_s]
+        alone_tps = [(await connections.loop_lag(server, http, question, 1, 1.0)
+                      )["answer"].client_tokens_per_s()]
+        lags = []
+        for _ in range(FANOUT_ROUNDS):
+            lags.append(await connections.loop_lag(server, http, question, 100, 2.0))
+            alone_tps.append((await connections.loop_lag(server, http, question, 1, 1.0)
+                              )["answer"].client_tokens_per_s())
+            raw_tps.append((await asyncio.to_thread(raw.run, prompt, 0)).tokens_per_s)
         if five_k:
             log("connections: 5,000 idle connections to the server")
             per[5000] = await connections.idle_growth_kb(server.pid, server.ws_url, http, pool,
@@ -222,11 +241,11 @@ async def many_connections(sheet: Sheet, server: Server, quick: bool, question: 
         closed = pool.closed_by_server
         await pool.close()
     log("connections: the same idle connections to a bare aiohttp server")
-    raw = await connections.raw_baseline(counts, settle)
+    bare = await connections.raw_baseline(counts, settle)
     held = f"held {settle:.0f} s, server heartbeat at its default"
     sheet.put("rss_per_idle_conn_kb", per[1000],
               f"server VmRSS growth / 1,000 idle WebSocket connections ({held}); 1 run", 1)
-    sheet.put("rss_per_idle_conn_ratio", ratio(per[1000], raw[1000]),
+    sheet.put("rss_per_idle_conn_ratio", ratio(per[1000], bare[1000]),
               "the same / a bare aiohttp WebSocket server (heartbeat=20) holding 1,000 idle "
               "connections in the same run")
     if not quick and not five_k:
@@ -236,31 +255,30 @@ async def many_connections(sheet: Sheet, server: Server, quick: bool, question: 
         sheet.put("rss_per_idle_conn_kb_5000", per[5000],
                   f"server VmRSS growth per connection from 1,000 to 5,000 idle ({held}); 1 run",
                   1)
-        sheet.put("rss_per_idle_conn_ratio_5000", ratio(per[5000], raw[5000]),
+        sheet.put("rss_per_idle_conn_ratio_5000", ratio(per[5000], bare[5000]),
                   "the same / bare aiohttp from 1,000 to 5,000")
-    sheet.put("loop_lag_p99_ms", lag["busy_p99_ms"],
+    lag = lags[0]
+    sheet.put("loop_lag_p99_ms", median([each["busy_p99_ms"] for each in lags]),
               f"p99 round trip of application pings (every 20 ms, own process, own connection)"
               f" while 100 connections of one session follow one answer (1 asked, 99 resumed) "
-              f"and 1,000 idle connections are held; {lag['busy_samples']} samples; an upper "
-              f"bound of the server's loop lag", 2)
-    sheet.put("loop_lag_max_ms", lag["busy_max_ms"],
+              f"and 1,000 idle connections are held; median of {len(lags)} answers of "
+              f"{lag['busy_samples']} samples or so; an upper bound of the server's loop lag", 2)
+    sheet.put("loop_lag_max_ms", max(each["busy_max_ms"] for each in lags),
               "the longest of those round trips: one stall of the loop shows here, not in p99",
               2)
-    sheet.put("loop_lag_idle_p99_ms", lag["idle_p99_ms"],
-              f"the same with only the idle connections, before the answer "
-              f"({lag['idle_samples']} samples): the floor of the measurement", 2)
-    answer: Answer = lag.pop("answer")
-    sheet.put("stream_ratio_100_followers", ratio(answer.client_tokens_per_s(),
-                                                  raw_tokens_per_s),
-              "tokens/s seen by the asking client while 100 follow / raw llama-cpp-python "
-              "tokens/s of the same question measured earlier in the run; 1 answer")
-    alone_tps = [tps for a in alone if (tps := a["answer"].client_tokens_per_s()) is not None]
-    sheet.put("stream_ratio_100_followers_paired",
-              ratio(answer.client_tokens_per_s(), median(alone_tps))
-              if len(alone_tps) == len(alone) else None,
-              "the same tokens/s / the mean of the same answer asked alone just before and "
-              "just after (no followers, the same 1,000 idle connections and pinger): the "
-              "fan-out's own cost, without the VM's drift between phases; 1 answer each")
+    sheet.put("loop_lag_idle_p99_ms", median([each["idle_p99_ms"] for each in lags]),
+              f"the same with only the idle connections, before each answer "
+              f"({lag['idle_samples']} samples each): the floor of the measurement", 2)
+    followed = [each.pop("answer").client_tokens_per_s() for each in lags]
+    sheet.put("stream_ratio_100_followers", _median_between(followed, raw_tps),
+              f"tokens/s seen by the asking client while 100 follow / the mean of raw "
+              f"llama-cpp-python's tokens/s on the same prompt just before and just after "
+              f"(this process, the server idle with its 1,000 idle connections); median of "
+              f"{len(lags)} rounds")
+    sheet.put("stream_ratio_100_followers_paired", _median_between(followed, alone_tps),
+              f"the same tokens/s / the mean of the same answer asked alone on the server just "
+              f"before and just after (no followers, the same 1,000 idle connections and "
+              f"pinger): the fan-out's own cost, without the VM's drift; median of {len(lags)}")
     busy = lag["cores_busy"]
     sheet.put("fanout_event_loop_cores", busy["server_event_loop"],
               "CPU seconds of the server's event-loop thread per wall second while 100 "
@@ -272,8 +290,10 @@ async def many_connections(sheet: Sheet, server: Server, quick: bool, question: 
     sheet.detail("loop_lag", {**{k: round(v, 2) if isinstance(v, float) else v
                                  for k, v in lag.items()},
                               "idle_closed_by_server": closed})
+    sheet.detail("fanout_tokens_per_s", {"followed": followed, "alone": alone_tps,
+                                         "raw": raw_tps})
     sheet.detail("idle_conn_kb", {"edgekb": {k: round(v, 2) for k, v in per.items()},
-                                  "raw_aiohttp": {k: round(v, 2) for k, v in raw.items()}})
+                                  "raw_aiohttp": {k: round(v, 2) for k, v in bare.items()}})
 
 
 async def run(sheet: Sheet, work: Path, quick: bool) -> None:
@@ -330,8 +350,7 @@ async def run(sheet: Sheet, work: Path, quick: bool) -> None:
             sheet.put("rss_peak_answer_mb", main.hwm_kb() / 1024,
                       "server VmHWM after the answers of the stream, follow-up, queue and wire "
                       "benchmarks (before the connection benchmarks)", 1)
-            await many_connections(sheet, main, quick, QUESTIONS[0],
-                                   pairs[0]["raw_tokens_per_s"])
+            await many_connections(sheet, main, quick, raw, prompts[0])
             await batching.run(sheet, main, settings, prompts)
         finally:
             main.stop()
