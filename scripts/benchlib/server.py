@@ -60,8 +60,7 @@ class Server:
             self._drain.join(timeout=5)
 
 
-def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float = 180,
-                 config: Path | None = None) -> Server:
+def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float = 180) -> Server:
     """Start `edgekb serve --port 0` with ``--set`` settings; wait for its ready line.
 
     stderr is read by a thread (and copied to ``log_path``) so the ready line is timed exactly
@@ -71,8 +70,6 @@ def start_server(data_dir: Path, log_path: Path, *settings: str, timeout: float 
     token = serverproc.issue_token(data_dir, edgekb_env())
     args = [sys.executable, "-m", "edgekb", "serve", "--data-dir", str(data_dir),
             "--host", HOST, "--port", "0"]
-    if config is not None:
-        args += ["--config", str(config)]
     for item in (*serverproc.UNLIMITED, *settings):
         args += ["--set", item]
     started = time.perf_counter()
